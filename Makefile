@@ -1,0 +1,65 @@
+# Two commands a user needs (README): `make demo` and `make test`. Both set up the same
+# environment: .venv in the repository, the pinned llama.cpp fetched into vendor/, one native
+# build of it (ggq._native, its libraries, llama.cpp's tools) and llama-cpp-python bound to it.
+#
+# Back end: CPU by default; `GGQ_CUDA=ON make ...` builds llama.cpp with CUDA,
+# Metal is on by default on macOS.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+LOCK := native/llama_cpp.lock.json
+SDIST := vendor/$(shell $(PYTHON) -c "import json; print(json.load(open('$(LOCK)'))['filename'])")
+VENDOR_STAMP := vendor/llama.cpp/.ggq-vendor.json
+NATIVE_SOURCES := $(shell find native -type f) pyproject.toml
+GGQ_CUDA ?= OFF
+export GGQ_CUDA
+
+.PHONY: demo test install lint clean distclean FORCE
+
+demo: install
+	$(PY) tools/demo.py
+
+test: install lint
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+install: $(VENV)/.native $(VENV)/.llama-cpp-python
+
+# Always checked (sha256 of the sdist and of every unpacked file, about a second); the stamp
+# is rewritten, and the native build redone, only when the tree had to be unpacked again.
+$(VENDOR_STAMP): FORCE
+	$(PYTHON) tools/vendor_llama_cpp.py check-tools
+	$(PYTHON) tools/vendor_llama_cpp.py fetch
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: the CPU build on these machines; a bare `torch` would pull CUDA wheels.
+$(VENV)/.deps: $(VENV)/bin/python pyproject.toml $(VENDOR_STAMP)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	$(PIP) install -q ./vendor/llama.cpp/gguf-py
+	$(PIP) install -q "numpy>=1.26" "transformers>=4.51" "safetensors>=0.4" "tokenizers>=0.21" \
+		"huggingface_hub>=0.24" "jinja2>=3.1" "click>=8.1" "rich>=13" \
+		"pytest>=8" "ruff>=0.6" "mypy>=1.10" diskcache typing-extensions
+	touch $@
+
+$(VENV)/.native: $(VENV)/.deps $(VENDOR_STAMP) $(NATIVE_SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e . -Cbuild.verbose=false
+	touch $@
+
+# llama-cpp-python's Python layer only (LLAMA_BUILD=OFF): it loads ggq's libllama.
+$(VENV)/.llama-cpp-python: $(VENV)/.deps $(VENDOR_STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install -q --no-build-isolation --no-deps $(SDIST)
+	touch $@
+
+clean:
+	rm -rf build
+
+distclean: clean
+	rm -rf $(VENV) vendor/llama.cpp

@@ -1,0 +1,71 @@
+"""The one llama.cpp build of this environment: the extension, its libraries and its tools.
+
+Everything native that ggq uses (the extension ``ggq._native``, llama.cpp's tools, and
+llama-cpp-python for chat) loads the same shared libraries from ``ggq/lib``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-tokenize", "llama-bench")
+
+
+class NativeError(RuntimeError):
+    """The native build is missing or incomplete."""
+
+
+def load() -> ModuleType:
+    """Import ``ggq._native`` with a message that says how to build it when it is absent."""
+    try:
+        return importlib.import_module("ggq._native")
+    except ImportError as exc:
+        raise NativeError(
+            f"the native extension ggq._native is not built ({exc}); run `make install` "
+            "(or `pip install -e .`) in the ggq repository"
+        ) from exc
+
+
+def package_dir() -> Path:
+    """Directory holding the compiled files (the extension, lib/, bin/, data/)."""
+    spec = importlib.util.find_spec("ggq._native")
+    if spec is None or spec.origin is None:
+        raise NativeError("ggq._native is not built: run `make install` in the ggq repository")
+    return Path(spec.origin).parent
+
+
+def lib_dir() -> Path:
+    """Directory of libllama / libggml*: also the one llama-cpp-python is pointed at."""
+    return package_dir() / "lib"
+
+
+def tool_path(name: str) -> Path:
+    """Path of a llama.cpp tool built with ggq, e.g. ``tool_path("llama-perplexity")``."""
+    if name not in TOOLS:
+        raise NativeError(f"unknown llama.cpp tool {name!r}; built tools: {', '.join(TOOLS)}")
+    path = package_dir() / "bin" / name
+    if not path.is_file():
+        raise NativeError(f"{path} is missing: the native build is incomplete, run `make install`")
+    return path
+
+
+def data_path(*parts: str) -> Path:
+    """A file installed from vendor/llama.cpp beside the extension (e.g. the Qwen2 vocabulary)."""
+    path = package_dir().joinpath("data", *parts)
+    if not path.exists():
+        raise NativeError(f"{path} is missing: the native build is incomplete, run `make install`")
+    return path
+
+
+def import_llama_cpp() -> ModuleType:
+    """Import llama-cpp-python bound to ggq's llama.cpp build rather than a copy of its own."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError as exc:
+        raise NativeError(
+            f"llama-cpp-python is not installed ({exc}); `make install` installs it against ggq's build"
+        ) from exc
