@@ -93,8 +93,8 @@ def render(report: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     table.add_row("ggq", report["ggq"])
     table.add_row("python", f"{report['python']} ({report['platform']})")
     for name, ver in report["packages"].items():
@@ -104,7 +104,9 @@ def render(report: dict[str, Any]) -> None:
         console.print(table)
         return
     lc = report["llama_cpp"]
-    table.add_row("llama.cpp", f"commit {lc['commit_linked']} (pinned {lc['commit_pinned']}, from {lc['source']})")
+    table.add_row(
+        "llama.cpp", f"commit {lc['commit_linked']} (pinned {lc['commit_pinned']}, from {lc['source']})"
+    )
     table.add_row("back ends", ", ".join(lc["backends"]))
     for dev in lc["devices"]:
         mem = f", {dev['memory_total'] / 2**30:.1f} GiB" if dev["memory_total"] else ""

@@ -94,7 +94,9 @@ VARIANTS: dict[str, Qwen3Spec] = {
     # head_dim * heads != hidden_size, as in Qwen3-4B (2560 hidden, 32 x 128 heads)
     "odd-head-dim": Qwen3Spec(hidden_size=96, head_dim=32, seed=2),
     "sharded": Qwen3Spec(tie_word_embeddings=False, num_hidden_layers=3, shards=3, seed=3),
-    "full-vocab": Qwen3Spec(vocab_size=QWEN3_VOCAB_ROWS, hidden_size=32, head_dim=8, intermediate_size=64, seed=4),
+    "full-vocab": Qwen3Spec(
+        vocab_size=QWEN3_VOCAB_ROWS, hidden_size=32, head_dim=8, intermediate_size=64, seed=4
+    ),
 }
 
 
@@ -151,12 +153,27 @@ def tokenizer_json(n_bpe: int = QWEN2_BPE_TOKENS, vocab_gguf: Path | None = None
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": QWEN2_SPLIT_REGEX},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
             ],
         },
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
         "model": {
             "type": "BPE",
             "dropout": None,

@@ -123,7 +123,11 @@ def unpack(lock: Lock, sdist: Path, tree: Path) -> None:
             if not members:
                 raise VendorError(f"{sdist}: no {lock.member_prefix} inside")
             tar.extractall(tmp, members=members, filter="data")
-        stamp = {"sdist_sha256": lock.sha256, "commit": lock.llama_cpp_commit, "tree_sha256": tree_digest(tmp)}
+        stamp = {
+            "sdist_sha256": lock.sha256,
+            "commit": lock.llama_cpp_commit,
+            "tree_sha256": tree_digest(tmp),
+        }
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         if tree.exists():
             shutil.rmtree(tree)
@@ -183,20 +187,30 @@ def check_tools() -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cc or not cxx:
-        missing = " and ".join(n for n, v in (("a C compiler (cc)", cc), ("a C++ compiler (c++)", cxx)) if not v)
-        raise VendorError(f"{missing} not found: install gcc/g++ or clang (e.g. apt-get install build-essential)")
+        missing = " and ".join(
+            n for n, v in (("a C compiler (cc)", cc), ("a C++ compiler (c++)", cxx)) if not v
+        )
+        raise VendorError(
+            f"{missing} not found: install gcc/g++ or clang (e.g. apt-get install build-essential)"
+        )
     cmake = shutil.which("cmake")
     if not cmake:
-        raise VendorError("cmake not found: install cmake >= 3.21 (apt-get install cmake, or pip install cmake)")
+        raise VendorError(
+            "cmake not found: install cmake >= 3.21 (apt-get install cmake, or pip install cmake)"
+        )
     out = subprocess.run([cmake, "--version"], capture_output=True, text=True, check=False).stdout
     version = _version_tuple(out)
     if version < CMAKE_MIN:
         need = ".".join(map(str, CMAKE_MIN))
-        raise VendorError(f"{cmake} is version {out.splitlines()[0] if out else '?'}; llama.cpp needs cmake >= {need}")
+        raise VendorError(
+            f"{cmake} is version {out.splitlines()[0] if out else '?'}; llama.cpp needs cmake >= {need}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["fetch", "check-tools"])
     parser.add_argument("--vendor", type=Path, default=ROOT / "vendor")
     args = parser.parse_args(argv)

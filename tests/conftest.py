@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny Qwen3 checkpoints (built once per session) and the trained qwen3-micro."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ggq import testing
+
+ROOT = Path(__file__).resolve().parent.parent
+QWEN3_MICRO = ROOT.parent / "shared" / "models" / "qwen3-micro"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``checkpoint("untied")`` -> directory of that fixture variant, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = testing.build_checkpoint(tmp_path_factory.mktemp(variant), variant)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen3_micro() -> Path:
+    if not (QWEN3_MICRO / "model.safetensors").is_file():
+        pytest.skip(f"trained reference model not found at {QWEN3_MICRO}")
+    return QWEN3_MICRO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
