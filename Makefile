@@ -12,7 +12,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 LOCK := native/llama_cpp.lock.json
 SDIST := vendor/$(shell $(PYTHON) -c "import json; print(json.load(open('$(LOCK)'))['filename'])")
 VENDOR_STAMP := vendor/llama.cpp/.ggq-vendor.json
-NATIVE_SOURCES := $(shell find native -type f) pyproject.toml
+# the editable install maps the package files it saw: reinstall (seconds) when files are added
+NATIVE_SOURCES := $(shell find native -type f) pyproject.toml $(shell find ggq -name "*.py")
 GGQ_CUDA ?= OFF
 export GGQ_CUDA
 

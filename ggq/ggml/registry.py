@@ -30,6 +30,9 @@ class BlockFormat:
     type_size: int  # bytes per block
     quantize_blocks: QuantizeBlocks
     dequantize_blocks: DequantizeBlocks
+    # True when importance weighting uses statistics of the whole row (Q4_0..Q5_1 do, via the
+    # row's mean square): quantize_blocks then also gets ``n_per_row=`` to find row boundaries.
+    row_stats: bool = False
 
     @property
     def bits_per_weight(self) -> float:
@@ -76,7 +79,11 @@ def quantize(rows: np.ndarray, type_name: str, imatrix: np.ndarray | None = None
             raise QuantError(f"{fmt.name}: imatrix has shape {imatrix.shape}, expected ({n_per_row},)")
         weights = np.broadcast_to(imatrix.reshape(1, nb, fmt.block_size), (n_rows, nb, fmt.block_size))
         weights = weights.reshape(n_rows * nb, fmt.block_size)
-    blocks = fmt.quantize_blocks(rows.reshape(n_rows * nb, fmt.block_size), weights)
+    flat = rows.reshape(n_rows * nb, fmt.block_size)  # (n_blocks, block_size)
+    if fmt.row_stats:
+        blocks = fmt.quantize_blocks(flat, weights, n_per_row=n_per_row)  # type: ignore[call-arg]
+    else:
+        blocks = fmt.quantize_blocks(flat, weights)
     return blocks.reshape(n_rows, nb * fmt.type_size)
 
 

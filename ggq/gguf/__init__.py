@@ -1,5 +1,5 @@
-"""GGUF files: reading metadata now; the writer and tensor-type recipes follow with `convert`."""
+"""GGUF files: a fast reader, a streaming atomic writer, metadata, and tensor-type recipes."""
 
-from ggq.gguf.reader import GGUFFormatError, read_metadata
+from ggq.gguf.reader import GGUFFile, GGUFFormatError, TensorRecord, read_gguf, read_metadata
 
-__all__ = ["GGUFFormatError", "read_metadata"]
+__all__ = ["GGUFFile", "GGUFFormatError", "TensorRecord", "read_gguf", "read_metadata"]

@@ -1,0 +1,213 @@
+"""`ggq convert`: a Qwen3 Hugging Face checkpoint to a GGUF file, tensor by tensor.
+
+Reads one tensor at a time, decides its ggml type by the recipe (llama-quantize's rules),
+encodes it with ggq's own block encoders (RTN here; calibration solvers plug in later), and
+streams it into an atomic GGUF writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ggq import ggml
+from ggq.checkpoint import Checkpoint
+from ggq.gguf import recipe
+from ggq.gguf.metadata import Provenance, model_kv, name_and_size
+from ggq.gguf.writer import GGUFWriter
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot proceed; the message names the option, file or tensor at fault."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    recipe: recipe.RecipeOptions = field(default_factory=recipe.RecipeOptions)
+    method: str = "rtn"
+    imatrix: Path | None = None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # ggml order (ne[0] = row length first)
+    type: str
+    nbytes: int
+
+
+def ggml_shape(hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(hf_shape))
+
+
+def tensor_specs(ckpt: Checkpoint) -> list[recipe.TensorSpec]:
+    """The tensors of the file, in file order, with the type they have before quantization."""
+    specs = []
+    for name in ckpt.gguf_order():
+        shape = ggml_shape(ckpt.entries[name].shape)
+        specs.append(recipe.TensorSpec(name, shape, "F32"))
+    return specs
+
+
+def nbytes(shape: tuple[int, ...], type_name: str) -> int:
+    """Bytes of a tensor in a ggml type (gguf-py's table: planning needs no encoder)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return int(np.prod(shape)) // block * size
+
+
+def type_id(type_name: str) -> int:
+    from gguf.constants import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[type_name])
+
+
+def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
+    hp = ckpt.hparams
+    shape = recipe.ModelShape(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv)
+    specs = tensor_specs(ckpt)
+    types = recipe.plan(specs, shape, opts.recipe)
+    return [PlannedTensor(s.name, s.shape, types[s.name], nbytes(s.shape, types[s.name])) for s in specs]
+
+
+def default_output_name(ckpt: Checkpoint, file_type: str) -> str:
+    basename, size = name_and_size(ckpt)
+    return f"{basename}-{size}-{recipe.file_type(file_type).name}.gguf"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_tensor(values: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:
+    """RTN: ggml's own reference quantization of a (rows, n_per_row) float32 tensor."""
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values.reshape(1, -1)
+    return ggml.quantize(rows, type_name, imatrix)
+
+
+def convert(
+    ckpt: Checkpoint,
+    out: Path,
+    opts: ConvertOptions,
+    imatrix: dict[str, np.ndarray] | None = None,
+    progress: Callable[[PlannedTensor], None] | None = None,
+) -> list[PlannedTensor]:
+    """Write ``out``; returns the plan that was written."""
+    if opts.method != "rtn":
+        raise ConvertError(
+            f"--method {opts.method}: not yet available (only rtn); GPTQ and AWQ come with the solvers"
+        )
+    ft = recipe.file_type(opts.recipe.file_type)
+    plan = make_plan(ckpt, opts)
+    prov = Provenance(
+        method=opts.method,
+        recipe=ft.name,
+        imatrix_file=opts.imatrix.name if opts.imatrix else None,
+        imatrix_sha256=_sha256(opts.imatrix) if opts.imatrix else None,
+    )
+    with GGUFWriter(out) as writer:
+        for key, value in model_kv(ckpt, ft.llama_ftype, prov).items():
+            writer.add_kv(key, value)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.shape, type_id(t.type), t.nbytes)
+        writer.begin_data()
+        for t in plan:
+            values = ckpt.load(t.name)
+            imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
+            writer.write_tensor(t.name, encode_tensor(values, t.type, imat))
+            if progress:
+                progress(t)
+        writer.finish()
+    return plan
+
+
+def cli_options(
+    file_type: str,
+    method: str,
+    imatrix: Path | None,
+    pure: bool,
+    tensor_types: tuple[tuple[str, str], ...],
+    output_tensor_type: str | None,
+    token_embedding_type: str | None,
+    leave_output_tensor: bool,
+) -> ConvertOptions:
+    """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
+    recipe.file_type(file_type)
+    for _, qtype in tensor_types:
+        recipe.tensor_type(qtype)
+    for t in (output_tensor_type, token_embedding_type):
+        if t:
+            recipe.tensor_type(t)
+    ropts = recipe.RecipeOptions(
+        file_type=file_type,
+        pure=pure,
+        tensor_types=tensor_types,
+        output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type,
+        leave_output_tensor=leave_output_tensor,
+        has_imatrix=imatrix is not None,
+    )
+    return ConvertOptions(recipe=ropts, method=method, imatrix=imatrix)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from ggq.checkpoint import CheckpointError
+    from ggq.ggml import QuantError
+    from ggq.gguf.writer import WriterError
+    from ggq.imatrix import ImatrixError
+
+    return (ConvertError, CheckpointError, recipe.RecipeError, QuantError, ImatrixError, WriterError, OSError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def run_cli(
+    model: str, output: Path | None, opts: ConvertOptions, dry_run: bool, as_json: bool, force: bool
+) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from ggq.checkpoint import resolve
+    from ggq.imatrix import load_imatrix
+
+    console = Console(stderr=True)
+    ckpt = Checkpoint(resolve(model))
+    out = output or Path(default_output_name(ckpt, opts.recipe.file_type))
+    plan = make_plan(ckpt, opts)
+    rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in plan]
+    if dry_run:
+        if as_json:
+            print(json.dumps({"output": str(out), "tensors": rows}, indent=2))
+            return
+        table = Table("tensor", "shape", "type", "MiB")
+        for t in plan:
+            table.add_row(t.name, " x ".join(map(str, t.shape)), t.type, f"{t.nbytes / 2**20:.2f}")
+        Console().print(table)
+        return
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (use --force to overwrite)")
+    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else None
+    total = sum(t.nbytes for t in plan)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console, disable=as_json
+    ) as bar:
+        task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan))
+        convert(ckpt, out, opts, imatrix, progress=lambda t: bar.advance(task))
+    result = {"output": str(out), "bytes": out.stat().st_size, "payload_bytes": total, "tensors": rows}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(plan)} tensors)")

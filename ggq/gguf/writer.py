@@ -1,0 +1,238 @@
+"""A streaming, atomic GGUF v3 writer.
+
+Order is enforced: key/values and tensor infos first, then ``begin_data()``, then each tensor's
+bytes in the order its info was added, then ``finish()``. Everything goes to a temporary file
+beside the target and is renamed over it only when complete, so a failed or interrupted write
+never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import numpy as np
+
+GGUF_VERSION = 3
+ALIGNMENT = 32
+
+
+class ValueType(enum.IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_PACK = {
+    ValueType.UINT8: "<B",
+    ValueType.INT8: "<b",
+    ValueType.UINT16: "<H",
+    ValueType.INT16: "<h",
+    ValueType.UINT32: "<I",
+    ValueType.INT32: "<i",
+    ValueType.FLOAT32: "<f",
+    ValueType.BOOL: "<?",
+    ValueType.UINT64: "<Q",
+    ValueType.INT64: "<q",
+    ValueType.FLOAT64: "<d",
+}
+_NP = {
+    ValueType.UINT8: "<u1",
+    ValueType.INT8: "<i1",
+    ValueType.UINT16: "<u2",
+    ValueType.INT16: "<i2",
+    ValueType.UINT32: "<u4",
+    ValueType.INT32: "<i4",
+    ValueType.FLOAT32: "<f4",
+    ValueType.UINT64: "<u8",
+    ValueType.INT64: "<i8",
+    ValueType.FLOAT64: "<f8",
+}
+
+
+class WriterError(RuntimeError):
+    """Misuse of the writer: a call out of order, or data that does not match its tensor info."""
+
+
+class _State(enum.Enum):
+    META = "adding key/values and tensor infos"
+    DATA = "writing tensor data"
+    DONE = "finished"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne[0] (row length) first
+    type_id: int
+    nbytes: int
+    offset: int
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _encode_value(value: Any, vtype: ValueType, item_type: ValueType | None) -> bytes:
+    if vtype == ValueType.STRING:
+        return _string(value)
+    if vtype == ValueType.ARRAY:
+        if item_type is None:
+            raise WriterError("an array value needs its item type")
+        head = struct.pack("<IQ", item_type, len(value))
+        if item_type == ValueType.STRING:
+            return head + b"".join(_string(s) for s in value)
+        if item_type == ValueType.BOOL:
+            return head + np.asarray(value, dtype=bool).astype("<u1").tobytes()
+        return head + np.asarray(value).astype(_NP[item_type]).tobytes()
+    return struct.pack(_PACK[vtype], value)
+
+
+def _infer(value: Any) -> tuple[ValueType, ValueType | None]:
+    if isinstance(value, bool):
+        return ValueType.BOOL, None
+    if isinstance(value, int):
+        return ValueType.UINT32 if 0 <= value < 2**32 else ValueType.INT64, None
+    if isinstance(value, float):
+        return ValueType.FLOAT32, None
+    if isinstance(value, str):
+        return ValueType.STRING, None
+    if isinstance(value, np.ndarray):
+        kinds = {"f": ValueType.FLOAT32, "i": ValueType.INT32, "u": ValueType.UINT32, "b": ValueType.BOOL}
+        return ValueType.ARRAY, kinds[value.dtype.kind]
+    if isinstance(value, Sequence):
+        if all(isinstance(v, str) for v in value):
+            return ValueType.ARRAY, ValueType.STRING
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return ValueType.ARRAY, ValueType.INT32
+        if all(isinstance(v, float | int) for v in value):
+            return ValueType.ARRAY, ValueType.FLOAT32
+    raise WriterError(f"cannot infer a GGUF type for {type(value).__name__} value")
+
+
+class GGUFWriter:
+    """Write one GGUF file: ``add_kv`` / ``add_tensor_info``, ``begin_data``, ``write_tensor``, ``finish``."""
+
+    def __init__(self, path: str | Path, alignment: int = ALIGNMENT) -> None:
+        self.path = Path(path)
+        self.alignment = alignment
+        self._kv: list[bytes] = []
+        self._keys: set[str] = set()
+        self._tensors: list[TensorInfo] = []
+        self._next_offset = 0
+        self._next_tensor = 0
+        self._state = _State.META
+        self._tmp: Path | None = None
+        self._f: BinaryIO | None = None
+        if alignment != ALIGNMENT:
+            self.add_kv("general.alignment", alignment, ValueType.UINT32)
+
+    def _expect(self, state: _State, action: str) -> None:
+        if self._state != state:
+            raise WriterError(
+                f"{self.path}: cannot {action} while {self._state.value}; expected {state.value}"
+            )
+
+    def add_kv(
+        self, key: str, value: Any, vtype: ValueType | None = None, item_type: ValueType | None = None
+    ) -> None:
+        self._expect(_State.META, f"add key {key!r}")
+        if key in self._keys:
+            raise WriterError(f"{self.path}: duplicate key {key!r}")
+        if vtype is None:
+            vtype, item_type = _infer(value)
+        self._keys.add(key)
+        self._kv.append(_string(key) + struct.pack("<I", vtype) + _encode_value(value, vtype, item_type))
+
+    def add_tensor_info(self, name: str, shape: Sequence[int], type_id: int, nbytes: int) -> None:
+        self._expect(_State.META, f"add tensor {name!r}")
+        if any(t.name == name for t in self._tensors):
+            raise WriterError(f"{self.path}: duplicate tensor {name!r}")
+        self._tensors.append(
+            TensorInfo(name, tuple(int(d) for d in shape), type_id, nbytes, self._next_offset)
+        )
+        self._next_offset += -(-nbytes // self.alignment) * self.alignment
+
+    def _pad(self, f: BinaryIO) -> None:
+        f.write(b"\0" * (-f.tell() % self.alignment))
+
+    def begin_data(self) -> None:
+        """Write header, key/values and tensor infos to a temporary file beside the target."""
+        self._expect(_State.META, "begin tensor data")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        self._tmp, self._f = Path(tmp), os.fdopen(fd, "wb")
+        f = self._f
+        f.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
+        f.writelines(self._kv)
+        for t in self._tensors:
+            f.write(_string(t.name) + struct.pack("<I", len(t.shape)))
+            f.write(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type_id, t.offset))
+        self._pad(f)
+        self._state = _State.DATA
+
+    def write_tensor(self, name: str, data: bytes | np.ndarray) -> None:
+        self._expect(_State.DATA, f"write tensor {name!r}")
+        if self._next_tensor >= len(self._tensors):
+            raise WriterError(f"{self.path}: tensor {name!r} has no info")
+        info = self._tensors[self._next_tensor]
+        if info.name != name:
+            raise WriterError(f"{self.path}: expected data of tensor {info.name!r}, got {name!r}")
+        raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        if len(raw) != info.nbytes:
+            raise WriterError(
+                f"{self.path}: tensor {name!r} is {len(raw)} bytes, its info says {info.nbytes}"
+            )
+        assert self._f is not None
+        self._f.write(raw)
+        self._pad(self._f)
+        self._next_tensor += 1
+
+    def finish(self) -> Path:
+        """Flush, fsync and rename the temporary file to the target name."""
+        self._expect(_State.DATA, "finish")
+        if self._next_tensor != len(self._tensors):
+            missing = self._tensors[self._next_tensor].name
+            raise WriterError(f"{self.path}: finished before writing tensor {missing!r}")
+        assert self._f is not None and self._tmp is not None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.chmod(self._tmp, 0o644)
+        self._tmp.replace(self.path)
+        self._state = _State.DONE
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file; the target is left as it was."""
+        if self._f is not None and not self._f.closed:
+            self._f.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+
+    def __enter__(self) -> GGUFWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != _State.DONE:
+            self.abort()
