@@ -11,6 +11,12 @@ import click
 from ggq import __version__
 
 
+class UserError(click.ClickException):
+    """Bad input (file, tensor, option): one line on stderr, exit code 2 like a usage error."""
+
+    exit_code = 2
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ggq")
 def main() -> None:
@@ -120,7 +126,7 @@ def convert(
             force=force,
         )
     except conv.USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise UserError(str(exc)) from exc
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
     return [PlannedTensor(s.name, s.shape, types[s.name], nbytes(s.shape, types[s.name])) for s in specs]
 
 
+def bits_per_weight(tensors: list[PlannedTensor]) -> float:
+    n = sum(int(np.prod(t.shape)) for t in tensors)
+    return 8.0 * sum(t.nbytes for t in tensors) / n if n else 0.0
+
+
 def default_output_name(ckpt: Checkpoint, file_type: str) -> str:
     basename, size = name_and_size(ckpt)
     return f"{basename}-{size}-{recipe.file_type(file_type).name}.gguf"
@@ -122,6 +127,9 @@ def convert(
         writer.begin_data()
         for t in plan:
             values = ckpt.load(t.name)
+            if not np.isfinite(values).all():
+                bad = int(np.count_nonzero(~np.isfinite(values)))
+                raise ConvertError(f"{ckpt.entries[t.name].hf_name}: {bad} NaN/Inf values in the checkpoint")
             imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
             writer.write_tensor(t.name, encode_tensor(values, t.type, imat))
             if progress:
@@ -192,20 +200,47 @@ def run_cli(
         if as_json:
             print(json.dumps({"output": str(out), "tensors": rows}, indent=2))
             return
-        table = Table("tensor", "shape", "type", "MiB")
+        table = Table("tensor", "shape", "type", "bytes", "bpw")
         for t in plan:
-            table.add_row(t.name, " x ".join(map(str, t.shape)), t.type, f"{t.nbytes / 2**20:.2f}")
+            table.add_row(
+                t.name, " x ".join(map(str, t.shape)), t.type, f"{t.nbytes:,}", f"{bits_per_weight([t]):.2f}"
+            )
+        table.add_section()
+        total = sum(t.nbytes for t in plan)
+        table.add_row(
+            f"total ({len(plan)} tensors)",
+            "",
+            "",
+            f"{total:,} ({total / 2**20:.1f} MiB)",
+            f"{bits_per_weight(plan):.2f}",
+        )
         Console().print(table)
         return
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else None
     total = sum(t.nbytes for t in plan)
+    done: list[PlannedTensor] = []
+
+    def advance(t: PlannedTensor) -> None:
+        done.append(t)
+        src = int(np.prod(t.shape)) * 2  # bf16/f16 source
+        bar.update(
+            task,
+            advance=1,
+            info=f"{t.name} {t.type} {src / 2**20:.1f}->{t.nbytes / 2**20:.1f} MiB, {bits_per_weight(done):.2f} bpw",
+        )
+
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=console, disable=as_json
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=as_json,
     ) as bar:
-        task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan))
-        convert(ckpt, out, opts, imatrix, progress=lambda t: bar.advance(task))
+        task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan), info="")
+        convert(ckpt, out, opts, imatrix, progress=advance)
     result = {"output": str(out), "bytes": out.stat().st_size, "payload_bytes": total, "tensors": rows}
     if as_json:
         print(json.dumps(result, indent=2))

@@ -233,7 +233,7 @@ def test_unsupported_architecture_is_named(checkpoint, tmp_path: Path) -> None:
     cfg["architectures"] = ["LlamaForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
     result = CliRunner().invoke(main, ["convert", str(d), "--type", "F16", "-o", str(tmp_path / "x.gguf")])
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert "LlamaForCausalLM is not supported; supported: Qwen3ForCausalLM" in result.output
     assert not (tmp_path / "x.gguf").exists()
 
@@ -251,7 +251,7 @@ def test_missing_directory_and_offline_hub_id_are_one_line_errors(tmp_path: Path
 
 def test_unknown_type_names_the_option(checkpoint) -> None:
     result = CliRunner().invoke(main, ["convert", str(checkpoint("tied")), "--type", "Q7_K"])
-    assert result.exit_code != 0 and "unknown file type 'Q7_K'" in result.output
+    assert result.exit_code == 2 and "unknown file type 'Q7_K'" in result.output and "Q4_K_M" in result.output
     result = CliRunner().invoke(main, ["convert", str(checkpoint("tied")), "--tensor-type", "attn_v"])
     assert result.exit_code != 0 and "expected REGEX=TYPE" in result.output
 
@@ -285,3 +285,32 @@ def test_existing_output_needs_force(checkpoint, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert read_gguf(out).metadata["general.file_type"] == 1
+
+
+def test_nan_weight_names_the_tensor(checkpoint, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(checkpoint("tied"), d)
+    weights = load_file(str(d / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["convert", str(d), "--type", "Q8_0", "-o", str(tmp_path / "x.gguf")])
+    assert result.exit_code == 2
+    assert "model.layers.1.mlp.up_proj.weight: 1 NaN/Inf values" in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bad_tensor_type_regex_is_named(checkpoint) -> None:
+    result = CliRunner().invoke(
+        main, ["convert", str(checkpoint("tied")), "--tensor-type", "attn_(v=Q8_0", "--dry-run"]
+    )
+    assert result.exit_code == 2 and "is not a valid regex" in result.output
+
+
+def test_dry_run_prints_plan_with_totals(checkpoint) -> None:
+    result = CliRunner().invoke(main, ["convert", str(checkpoint("tied")), "--type", "Q8_0", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "blk.1.ffn_down.weight" in result.output and "total (24 tensors)" in result.output
