@@ -314,3 +314,72 @@ def test_dry_run_prints_plan_with_totals(checkpoint) -> None:
     result = CliRunner().invoke(main, ["convert", str(checkpoint("tied")), "--type", "Q8_0", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "blk.1.ffn_down.weight" in result.output and "total (24 tensors)" in result.output
+
+
+# --- RTN tensors equal llama-quantize's, byte for byte --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imatrix_for(plan_models, tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
+    """llama-imatrix's own importance matrix for a plan model, from real calibration text."""
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_bytes((shared_data / "calibration" / "gutenberg-train-sample.txt").read_bytes()[:30000])
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            f32 = plan_models[name][1]
+            out = f32.parent / "imatrix.gguf"
+            cmd = [str(native.tool_path("llama-imatrix")), "-m", str(f32), "-f", str(text), "-o", str(out)]
+            subprocess.run(
+                [*cmd, "-c", "128", "--chunks", "6", "-t", "2"], check=True, capture_output=True, timeout=300
+            )
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+BYTE_RECIPES = [
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "IQ4_NL",
+    "Q6_K",
+    "Q5_K_M",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q3_K_M",
+    "Q2_K",
+]
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["rtn", "imatrix"])
+@pytest.mark.parametrize("file_type", BYTE_RECIPES)
+def test_rtn_tensors_equal_llama_quantize(
+    plan_models, imatrix_for, tmp_path: Path, file_type: str, with_imatrix: bool
+) -> None:
+    from ggq.imatrix import load_imatrix
+
+    name = "wide-untied"
+    ckpt_dir, f32 = plan_models[name]
+    extra, imatrix, kw = [], None, {}
+    if with_imatrix:
+        path = imatrix_for(name)
+        extra, imatrix, kw = ["--imatrix", str(path)], load_imatrix(path), {"has_imatrix": True}
+    ref_path = tmp_path / "ref.gguf"
+    cmd = [str(native.tool_path("llama-quantize")), *extra, str(f32), str(ref_path), file_type, "2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    ours_path = tmp_path / "ours.gguf"
+    convert(Checkpoint(ckpt_dir), ours_path, ConvertOptions(rc.RecipeOptions(file_type, **kw)), imatrix)
+    ref, ours = read_gguf(ref_path), read_gguf(ours_path)
+    assert set(ours.tensors) == set(ref.tensors)  # llama-quantize writes them in its own order
+    differing = [
+        n
+        for n in ref.tensors
+        if ours.tensors[n].type_id != ref.tensors[n].type_id
+        or not np.array_equal(ours.tensor_data(n), ref.tensor_data(n))
+    ]
+    assert differing == []

@@ -218,3 +218,14 @@ def test_bad_shapes_raise_quant_error() -> None:
         registry.get("Q3_K").dequantize_blocks(np.zeros((2, 100), np.uint8))
     with pytest.raises(registry.QuantError, match="K-quant"):
         kq.choose_scales("Q8_0", np.zeros((1, 256), np.float32))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_chunk_seams_do_not_change_bytes(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the chunked encoder: an odd chunk size must give the same bytes as ggml."""
+    monkeypatch.setattr(kq, "_CHUNK", 7)
+    rows, im = _rows("heavy_tailed")[:4], _imatrix("positive")
+    type_id = kq.KQUANTS[type_name].type_id
+    for weights in (None, im):
+        got = registry.quantize(rows, type_name, weights)
+        _assert_same_blocks(got, ggml_ref.quantize(rows, type_id, weights), type_name)

@@ -40,6 +40,7 @@ QK_K = 256
 F32 = np.float32
 _MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer, half to even
 _GROUP_MAX_EPS = F32(1e-15)
+_CHUNK = 1024  # super-blocks encoded together: large enough to vectorise, small enough for cache
 
 
 # ----------------------------------------------------------------------------- float32 helpers
@@ -632,9 +633,13 @@ class KQuantType:
             w = np.ascontiguousarray(w, dtype=np.float32)
             if w.shape != x.shape:
                 raise QuantError(f"{self.name}: weights have shape {w.shape}, blocks {x.shape}")
+        out = np.empty((x.shape[0], self.type_size), np.uint8)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            s = self.choose(x, w)
-            return self.pack(self.encode(x, s), s)
+            for at in range(0, x.shape[0], _CHUNK):  # super-blocks are independent; chunks stay in cache
+                xc = x[at : at + _CHUNK]
+                s = self.choose(xc, None if w is None else w[at : at + _CHUNK])
+                out[at : at + _CHUNK] = self.pack(self.encode(xc, s), s)
+        return out
 
     def dequantize_blocks(self, raw: np.ndarray) -> np.ndarray:
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
