@@ -28,6 +28,7 @@ test: install lint
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy ggq
 
 install: $(VENV)/.native $(VENV)/.llama-cpp-python
 

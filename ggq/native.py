@@ -7,6 +7,7 @@ llama-cpp-python for chat) loads the same shared libraries from ``ggq/lib``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType

@@ -16,7 +16,7 @@ import numpy as np
 GGUF_MAGIC = b"GGUF"
 
 # GGUF value type id -> numpy dtype (little-endian), for scalars and numeric arrays
-_NUMERIC = {
+_NUMERIC: dict[int, np.dtype[Any]] = {
     0: np.dtype("<u1"),
     1: np.dtype("<i1"),
     2: np.dtype("<u2"),
