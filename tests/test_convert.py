@@ -434,3 +434,28 @@ def test_llama_cpp_runs_every_type(checkpoint, llama_cpp, tmp_path: Path, varian
         logits = llama_logits(llama_cpp, to_gguf(ckpt_dir, tmp_path / f"{file_type}.gguf", file_type), ids)
         assert logits.shape == (len(ids), testing.VARIANTS[variant].vocab_size)
         assert np.isfinite(logits).all(), file_type
+
+
+def test_f16_file_equals_llama_cpp_convert_hf_to_gguf(checkpoint, tmp_path: Path) -> None:
+    """llama.cpp's own converter on the full-vocabulary fixture (real Qwen2 BPE, so its
+    pre-tokenizer hash is recognised): every key it writes has the same value in ggq's file
+    (general.name aside: a display string), and every tensor has the same type and bytes."""
+    import sys
+
+    ckpt_dir = checkpoint("full-vocab")
+    ref_path = tmp_path / "ref.gguf"
+    script = Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    cmd = [sys.executable, str(script), str(ckpt_dir), "--outtype", "f16", "--outfile", str(ref_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    ref, ours = read_gguf(ref_path), read_gguf(to_gguf(ckpt_dir, tmp_path / "ours.gguf", "F16"))
+    differing = []
+    for key, value in ref.metadata.items():
+        mine = ours.metadata.get(key, "<missing>")
+        same = np.array_equal(value, mine) if isinstance(value, np.ndarray) else value == mine
+        if not same and key != "general.name":
+            differing.append(key)
+    assert differing == []
+    assert sorted(ours.tensors) == sorted(ref.tensors)
+    for name, t in ref.tensors.items():
+        assert ours.tensors[name].type_id == t.type_id, name
+        assert np.array_equal(ours.tensor_data(name), ref.tensor_data(name)), name

@@ -92,6 +92,7 @@ def tokenizer_kv(ckpt: Checkpoint) -> dict[str, Any]:
     kv.update(_special_ids(ckpt, ids))
     tok_cfg = _json_or_empty(ckpt.path / "tokenizer_config.json")
     kv["tokenizer.ggml.add_bos_token"] = bool(tok_cfg.get("add_bos_token", False))
+    kv["tokenizer.ggml.add_eos_token"] = bool(tok_cfg.get("add_eos_token", False))
     template = tok_cfg.get("chat_template")
     jinja = ckpt.path / "chat_template.jinja"
     if template is None and jinja.is_file():
