@@ -118,6 +118,14 @@ class TensorEntry:
     file: Path
     shape: tuple[int, ...]  # HF (torch) order: (out_features, in_features)
     dtype: str  # safetensors dtype: "BF16", "F16", "F32"
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
 
 
 SUPPORTED_DTYPES = ("BF16", "F16", "F32")
@@ -132,8 +140,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (names, dtypes, shapes) without reading data."""
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a .safetensors file (names, dtypes, shapes, offsets) and where data starts."""
     try:
         with path.open("rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -143,7 +151,7 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     header.pop("__metadata__", None)
-    return dict(header)
+    return dict(header), 8 + n
 
 
 class Checkpoint:
@@ -187,7 +195,9 @@ class Checkpoint:
         for file in self._files():
             if not file.is_file():
                 raise CheckpointError(f"{file}: listed in the index but missing")
-            for hf_name, info in _safetensors_header(file).items():
+            header, data_start = _safetensors_header(file)
+            file_size = file.stat().st_size
+            for hf_name, info in header.items():
                 gguf_name = self._map_name(hf_name)
                 if gguf_name is None:
                     if hf_name.endswith("rotary_emb.inv_freq"):
@@ -197,8 +207,17 @@ class Checkpoint:
                     raise CheckpointError(
                         f"{file}: tensor {hf_name} has dtype {info['dtype']}; supported: BF16, F16, F32"
                     )
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+                if (
+                    end - begin != int(np.prod(shape)) * _ITEMSIZE[info["dtype"]]
+                    or data_start + end > file_size
+                ):
+                    raise CheckpointError(
+                        f"{file}: tensor {hf_name} data does not fit its shape or the file (corrupt?)"
+                    )
                 entries[gguf_name] = TensorEntry(
-                    hf_name, gguf_name, file, tuple(info["shape"]), info["dtype"]
+                    hf_name, gguf_name, file, shape, info["dtype"], data_start + begin
                 )
         return entries
 
@@ -217,15 +236,24 @@ class Checkpoint:
             )
         return names
 
-    def load(self, gguf_name: str) -> np.ndarray:
-        """One tensor as float32 numpy, in HF (torch) layout."""
-        import torch
-        from safetensors import safe_open
-
+    def load(self, gguf_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of one tensor as float32, in HF (torch) layout, read straight from
+        the file: only those rows are ever in memory (bf16 widened exactly, no torch needed)."""
         entry = self.entries[gguf_name]
-        with safe_open(str(entry.file), framework="pt") as f:
-            tensor = f.get_tensor(entry.hf_name)
-        return tensor.to(torch.float32).numpy()
+        rows = entry.n_rows
+        stop = rows if stop is None else min(stop, rows)
+        row_len = int(np.prod(entry.shape)) // rows
+        size = _ITEMSIZE[entry.dtype]
+        dtype = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[entry.dtype]
+        offset = entry.offset + start * row_len * size
+        raw = np.fromfile(entry.file, dtype=dtype, count=(stop - start) * row_len, offset=offset)
+        values = (
+            (raw.astype(np.uint32) << 16).view(np.float32)
+            if entry.dtype == "BF16"
+            else raw.astype(np.float32)
+        )
+        shape = (stop - start, *entry.shape[1:]) if len(entry.shape) > 1 else entry.shape
+        return values.reshape(shape)
 
     def n_params(self) -> int:
         return sum(int(np.prod(e.shape)) for e in self.entries.values())

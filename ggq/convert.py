@@ -8,7 +8,7 @@ streams it into an atomic GGUF writer.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,10 +93,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+CHUNK_VALUES = 1 << 22  # ~16 MiB of float32 per chunk: memory is bounded by this, not by the model
+
+
 def encode_tensor(values: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:
     """RTN: ggml's own reference quantization of a (rows, n_per_row) float32 tensor."""
     rows = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values.reshape(1, -1)
     return ggml.quantize(rows, type_name, imatrix)
+
+
+def encoded_chunks(ckpt: Checkpoint, t: PlannedTensor, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
+    """The tensor's bytes, a block of whole rows at a time (every encoder works row by row)."""
+    entry = ckpt.entries[t.name]
+    step = max(1, CHUNK_VALUES // max(1, int(np.prod(entry.shape[1:]))))
+    for start in range(0, entry.n_rows, step):
+        values = ckpt.load(t.name, start, start + step)
+        if not np.isfinite(values).all():
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise ConvertError(f"{entry.hf_name}: {bad} NaN/Inf values in the checkpoint")
+        yield encode_tensor(values, t.type, imatrix)
 
 
 def convert(
@@ -126,12 +141,8 @@ def convert(
             writer.add_tensor_info(t.name, t.shape, type_id(t.type), t.nbytes)
         writer.begin_data()
         for t in plan:
-            values = ckpt.load(t.name)
-            if not np.isfinite(values).all():
-                bad = int(np.count_nonzero(~np.isfinite(values)))
-                raise ConvertError(f"{ckpt.entries[t.name].hf_name}: {bad} NaN/Inf values in the checkpoint")
             imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
-            writer.write_tensor(t.name, encode_tensor(values, t.type, imat))
+            writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat))
             if progress:
                 progress(t)
         writer.finish()

@@ -12,7 +12,7 @@ import enum
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -189,20 +189,27 @@ class GGUFWriter:
         self._pad(f)
         self._state = _State.DATA
 
-    def write_tensor(self, name: str, data: bytes | np.ndarray) -> None:
+    def write_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
+        """The bytes of the next tensor: all at once, or as an iterable of consecutive chunks."""
         self._expect(_State.DATA, f"write tensor {name!r}")
         if self._next_tensor >= len(self._tensors):
             raise WriterError(f"{self.path}: tensor {name!r} has no info")
         info = self._tensors[self._next_tensor]
         if info.name != name:
             raise WriterError(f"{self.path}: expected data of tensor {info.name!r}, got {name!r}")
-        raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-        if len(raw) != info.nbytes:
-            raise WriterError(
-                f"{self.path}: tensor {name!r} is {len(raw)} bytes, its info says {info.nbytes}"
-            )
         assert self._f is not None
-        self._f.write(raw)
+        chunks = [data] if isinstance(data, bytes | bytearray | np.ndarray) else data
+        written = 0
+        for chunk in chunks:
+            raw = np.ascontiguousarray(chunk).tobytes() if isinstance(chunk, np.ndarray) else bytes(chunk)
+            written += len(raw)
+            if written > info.nbytes:
+                raise WriterError(
+                    f"{self.path}: tensor {name!r} exceeds the {info.nbytes} bytes its info says"
+                )
+            self._f.write(raw)
+        if written != info.nbytes:
+            raise WriterError(f"{self.path}: tensor {name!r} is {written} bytes, its info says {info.nbytes}")
         self._pad(self._f)
         self._next_tensor += 1
 
