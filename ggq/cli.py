@@ -89,6 +89,9 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option("--dry-run", is_flag=True, help="Print the tensor-type plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan / result as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=0), default=0, help="Encoder threads (0 = all cores)."
+)
 def convert(
     model: str,
     output: Path | None,
@@ -103,6 +106,7 @@ def convert(
     dry_run: bool,
     as_json: bool,
     force: bool,
+    threads: int,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -120,6 +124,7 @@ def convert(
                 output_tensor_type,
                 token_embedding_type,
                 leave_output_tensor,
+                threads,
             ),
             dry_run=dry_run,
             as_json=as_json,

@@ -8,7 +8,10 @@ streams it into an atomic GGUF writer.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,7 @@ class ConvertOptions:
     recipe: recipe.RecipeOptions = field(default_factory=recipe.RecipeOptions)
     method: str = "rtn"
     imatrix: Path | None = None
+    threads: int = 0  # 0 = all cores
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-CHUNK_VALUES = 1 << 22  # ~16 MiB of float32 per chunk: memory is bounded by this, not by the model
+CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per chunk: memory is bounded by chunks in flight, not the model
 
 
 def encode_tensor(values: np.ndarray, type_name: str, imatrix: np.ndarray | None) -> np.ndarray:
@@ -102,16 +106,30 @@ def encode_tensor(values: np.ndarray, type_name: str, imatrix: np.ndarray | None
     return ggml.quantize(rows, type_name, imatrix)
 
 
-def encoded_chunks(ckpt: Checkpoint, t: PlannedTensor, imatrix: np.ndarray | None) -> Iterator[np.ndarray]:
-    """The tensor's bytes, a block of whole rows at a time (every encoder works row by row)."""
+def _encode_rows(
+    ckpt: Checkpoint, t: PlannedTensor, start: int, stop: int, imatrix: np.ndarray | None
+) -> np.ndarray:
+    values = ckpt.load(t.name, start, stop)
+    if not np.isfinite(values).all():
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise ConvertError(f"{ckpt.entries[t.name].hf_name}: {bad} NaN/Inf values in the checkpoint")
+    return encode_tensor(values, t.type, imatrix)
+
+
+def encoded_chunks(
+    ckpt: Checkpoint, t: PlannedTensor, imatrix: np.ndarray | None, pool: ThreadPoolExecutor, ahead: int
+) -> Iterator[np.ndarray]:
+    """The tensor's bytes in order, a block of whole rows at a time (every encoder works row by
+    row), encoded by the pool's threads (numpy releases the GIL) with a bounded window in flight."""
     entry = ckpt.entries[t.name]
     step = max(1, CHUNK_VALUES // max(1, int(np.prod(entry.shape[1:]))))
+    window: deque[Future[np.ndarray]] = deque()
     for start in range(0, entry.n_rows, step):
-        values = ckpt.load(t.name, start, start + step)
-        if not np.isfinite(values).all():
-            bad = int(np.count_nonzero(~np.isfinite(values)))
-            raise ConvertError(f"{entry.hf_name}: {bad} NaN/Inf values in the checkpoint")
-        yield encode_tensor(values, t.type, imatrix)
+        window.append(pool.submit(_encode_rows, ckpt, t, start, start + step, imatrix))
+        if len(window) > ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def convert(
@@ -134,7 +152,8 @@ def convert(
         imatrix_file=opts.imatrix.name if opts.imatrix else None,
         imatrix_sha256=_sha256(opts.imatrix) if opts.imatrix else None,
     )
-    with GGUFWriter(out) as writer:
+    threads = opts.threads or os.cpu_count() or 1
+    with GGUFWriter(out) as writer, ThreadPoolExecutor(threads) as pool:
         for key, value in model_kv(ckpt, ft.llama_ftype, prov).items():
             writer.add_kv(key, value)
         for t in plan:
@@ -142,7 +161,7 @@ def convert(
         writer.begin_data()
         for t in plan:
             imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
-            writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat))
+            writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
             if progress:
                 progress(t)
         writer.finish()
@@ -158,6 +177,7 @@ def cli_options(
     output_tensor_type: str | None,
     token_embedding_type: str | None,
     leave_output_tensor: bool,
+    threads: int = 0,
 ) -> ConvertOptions:
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
@@ -175,7 +195,7 @@ def cli_options(
         leave_output_tensor=leave_output_tensor,
         has_imatrix=imatrix is not None,
     )
-    return ConvertOptions(recipe=ropts, method=method, imatrix=imatrix)
+    return ConvertOptions(recipe=ropts, method=method, imatrix=imatrix, threads=threads)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
