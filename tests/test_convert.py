@@ -148,7 +148,7 @@ def test_same_input_gives_byte_identical_file(checkpoint, tmp_path: Path) -> Non
 # --- the tensor-type plan equals llama-quantize's -------------------------------------------
 
 RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
-RECIPES += ["Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "IQ4_NL", "F16", "BF16"]
+RECIPES += ["Q3_K_M", "Q3_K_S", "Q3_K_L", "Q2_K", "IQ4_NL", "IQ4_XS", "F16", "BF16"]
 
 
 @pytest.fixture(scope="module")
@@ -430,7 +430,7 @@ def test_llama_cpp_runs_every_type(checkpoint, llama_cpp, tmp_path: Path, varian
     """Every recipe of every fixture variant loads in llama.cpp and gives finite logits."""
     ckpt_dir = checkpoint(variant)
     ids = hf_ids(ckpt_dir, TEXT)[:16]
-    for file_type in [*RECIPES, "IQ4_XS", "F32"]:
+    for file_type in [*RECIPES, "F32"]:
         logits = llama_logits(llama_cpp, to_gguf(ckpt_dir, tmp_path / f"{file_type}.gguf", file_type), ids)
         assert logits.shape == (len(ids), testing.VARIANTS[variant].vocab_size)
         assert np.isfinite(logits).all(), file_type
@@ -470,3 +470,17 @@ def test_chunked_rows_give_the_same_file(checkpoint, tmp_path: Path, monkeypatch
     monkeypatch.setattr(conv, "CHUNK_VALUES", 3 * 64)  # 3 rows of 64 at a time
     chunked = to_gguf(ckpt_dir, tmp_path / "chunked.gguf", "Q4_K_M")
     assert whole.read_bytes() == chunked.read_bytes()
+
+
+def test_truncated_safetensors_is_named(checkpoint, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "cut"
+    shutil.copytree(checkpoint("tied"), d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(main, ["convert", str(d), "--type", "Q8_0", "-o", str(tmp_path / "x.gguf")])
+    assert (
+        result.exit_code == 2 and "model.safetensors: tensor" in result.output and "corrupt" in result.output
+    )
+    assert not (tmp_path / "x.gguf").exists()
