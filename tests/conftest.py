@@ -10,7 +10,15 @@ import pytest
 from ggq import testing
 
 ROOT = Path(__file__).resolve().parent.parent
-QWEN3_MICRO = ROOT.parent / "shared" / "models" / "qwen3-micro"
+# the embedded copy (models/, the demo's default) or the shared one beside the checkout
+QWEN3_MICRO = next(
+    (
+        p
+        for p in (ROOT / "models" / "qwen3-micro", ROOT.parent / "shared" / "models" / "qwen3-micro")
+        if p.is_dir()
+    ),
+    ROOT / "models" / "qwen3-micro",
+)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
