@@ -1,0 +1,1 @@
+"""Calibration-based solvers: GPTQ (and AWQ next) targeting ggml block formats."""
