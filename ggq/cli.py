@@ -10,6 +10,8 @@ import click
 
 from ggq import __version__
 
+BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
+
 
 class UserError(click.ClickException):
     """Bad input (file, tensor, option): one line on stderr, exit code 2 like a usage error."""
@@ -61,9 +63,7 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option(
     "--type",
     "file_type",
-    default="Q4_K_M",
-    show_default=True,
-    help="File type recipe, as llama-quantize names them (Q4_K_M, Q4_0, Q8_0, F16, ...).",
+    help="File type recipe, as llama-quantize names them (Q4_K_M, Q4_0, Q8_0, F16, ...); default Q4_K_M.",
 )
 @click.option(
     "--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True
@@ -92,6 +92,32 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option(
     "-t", "--threads", type=click.IntRange(min=0), default=0, help="Encoder threads (0 = all cores)."
 )
+@click.option(
+    "--bits",
+    type=click.Choice(list(BITS_RECIPES)),
+    help="Recipe by bits: 2 Q2_K, 3 Q3_K_M, 4 Q4_K_M, 5 Q5_K_M, 6 Q6_K, 8 Q8_0 (--type wins).",
+)
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Calibration text (gptq); default: the public-domain text shipped with ggq.",
+)
+@click.option(
+    "--nsamples", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration windows."
+)
+@click.option(
+    "--seqlen", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per window."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the calibration window sampling."
+)
+@click.option(
+    "--damp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.01,
+    show_default=True,
+    help="GPTQ damping, a fraction of the mean Hessian diagonal.",
+)
 def convert(
     model: str,
     output: Path | None,
@@ -107,10 +133,17 @@ def convert(
     as_json: bool,
     force: bool,
     threads: int,
+    bits: str | None,
+    calib: Path | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    damp: float,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
 
+    file_type = file_type or BITS_RECIPES[bits or "4"]
     try:
         conv.run_cli(
             model,
@@ -125,12 +158,55 @@ def convert(
                 token_embedding_type,
                 leave_output_tensor,
                 threads,
+                conv.CalibOptions(calib, nsamples, seqlen, seed, damp),
             ),
             dry_run=dry_run,
             as_json=as_json,
             force=force,
         )
     except conv.USER_ERRORS as exc:
+        raise UserError(str(exc)) from exc
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-f",
+    "--file",
+    "text_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="UTF-8 text to evaluate (default: the WikiText-2 raw test split shipped with ggq).",
+)
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=4), default=512, show_default=True)
+@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), help="Evaluate at most N chunks.")
+@click.option(
+    "-b",
+    "--batch-size",
+    "n_batch",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Tokens per decode call; n_batch // ctx chunks are evaluated side by side, as llama-perplexity does.",
+)
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def ppl(
+    models: tuple[Path, ...],
+    text_file: Path | None,
+    n_ctx: int,
+    n_chunks: int | None,
+    n_batch: int,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Perplexity of GGUF models over a text, with llama-perplexity's protocol and numbers."""
+    from ggq.eval import report
+    from ggq.eval.perplexity import PerplexityConfig
+
+    config = PerplexityConfig(n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads)
+    try:
+        report.run_cli(models, text_file, config, as_json=as_json)
+    except report.USER_ERRORS as exc:
         raise UserError(str(exc)) from exc
 
 

@@ -14,14 +14,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ggq import ggml
+from ggq import calib, ggml
 from ggq.checkpoint import Checkpoint
 from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
+from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, solve_layers
 
 
 class ConvertError(ValueError):
@@ -34,6 +36,20 @@ class ConvertOptions:
     method: str = "rtn"
     imatrix: Path | None = None
     threads: int = 0  # 0 = all cores
+    calib: Path | None = None  # calibration text (gptq); None = the text shipped with ggq
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    calib: Path | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -132,25 +148,52 @@ def encoded_chunks(
         yield window.popleft().result()
 
 
+def _solver_stream(
+    ckpt: Checkpoint,
+    plan: list[PlannedTensor],
+    opts: ConvertOptions,
+    report: Callable[[LayerReport], None] | None,
+) -> Iterator[dict[str, object]]:
+    """First the calibration provenance, then per layer {GGUF name: block bytes} from GPTQ."""
+    types = {t.name: t.type for t in plan}
+    check_targets(types)
+    text = opts.calib or calib.default_text()
+    windows = calib.sample_windows(ckpt.path / "tokenizer.json", text, opts.nsamples, opts.seqlen, opts.seed)
+    yield {
+        "file": windows.source,
+        "sha256": windows.sha256,
+        "nsamples": opts.nsamples,
+        "seqlen": opts.seqlen,
+        "seed": opts.seed,
+        "damp": opts.damp,
+    }
+    for i, results in solve_layers(ckpt, windows.tokens, types, SolverOptions(damp=opts.damp), report):
+        yield {f"blk.{i}.{name}.weight": r.data for name, r in results.items()}
+
+
 def convert(
     ckpt: Checkpoint,
     out: Path,
     opts: ConvertOptions,
     imatrix: dict[str, np.ndarray] | None = None,
     progress: Callable[[PlannedTensor], None] | None = None,
+    layer_report: Callable[[LayerReport], None] | None = None,
 ) -> list[PlannedTensor]:
     """Write ``out``; returns the plan that was written."""
-    if opts.method != "rtn":
-        raise ConvertError(
-            f"--method {opts.method}: not yet available (only rtn); GPTQ and AWQ come with the solvers"
-        )
+    if opts.method not in ("rtn", "gptq"):
+        raise ConvertError(f"--method {opts.method}: not yet available (rtn and gptq are); AWQ comes next")
     ft = recipe.file_type(opts.recipe.file_type)
     plan = make_plan(ckpt, opts)
+    solved = _solver_stream(ckpt, plan, opts, layer_report) if opts.method == "gptq" else None
+    calib_meta: dict[str, object] = (
+        next(solved) if solved is not None else {}
+    )  # first: calibration provenance
     prov = Provenance(
         method=opts.method,
         recipe=ft.name,
         imatrix_file=opts.imatrix.name if opts.imatrix else None,
         imatrix_sha256=_sha256(opts.imatrix) if opts.imatrix else None,
+        calibration=calib_meta,
     )
     threads = opts.threads or os.cpu_count() or 1
     with GGUFWriter(out) as writer, ThreadPoolExecutor(threads) as pool:
@@ -159,7 +202,15 @@ def convert(
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, type_id(t.type), t.nbytes)
         writer.begin_data()
+        layer: dict[str, object] = {}
         for t in plan:
+            if solved is not None and t.name.endswith(".attn_norm.weight"):
+                layer = next(solved)  # this layer's solved tensors
+            if t.name in layer:
+                data = layer.pop(t.name)
+                assert isinstance(data, np.ndarray)
+                writer.write_tensor(t.name, data)
+                continue
             imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
             writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
             if progress:
@@ -178,6 +229,7 @@ def cli_options(
     token_embedding_type: str | None,
     leave_output_tensor: bool,
     threads: int = 0,
+    cal: CalibOptions | None = None,
 ) -> ConvertOptions:
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
@@ -195,19 +247,47 @@ def cli_options(
         leave_output_tensor=leave_output_tensor,
         has_imatrix=imatrix is not None,
     )
-    return ConvertOptions(recipe=ropts, method=method, imatrix=imatrix, threads=threads)
+    cal = cal or CalibOptions()
+    return ConvertOptions(
+        recipe=ropts,
+        method=method,
+        imatrix=imatrix,
+        threads=threads,
+        calib=cal.calib,
+        nsamples=cal.nsamples,
+        seqlen=cal.seqlen,
+        seed=cal.seed,
+        damp=cal.damp,
+    )
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from ggq.calib import CalibrationError
     from ggq.checkpoint import CheckpointError
     from ggq.ggml import QuantError
     from ggq.gguf.writer import WriterError
     from ggq.imatrix import ImatrixError
+    from ggq.solvers.gptq import SolverError
 
-    return (ConvertError, CheckpointError, recipe.RecipeError, QuantError, ImatrixError, WriterError, OSError)
+    return (
+        ConvertError,
+        CheckpointError,
+        recipe.RecipeError,
+        QuantError,
+        ImatrixError,
+        WriterError,
+        CalibrationError,
+        SolverError,
+        OSError,
+    )
 
 
 USER_ERRORS = _user_errors()
+
+
+def _print_layer(console: Any, rep: LayerReport) -> None:
+    errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
+    console.print(f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->gptq: {errs}")
 
 
 def run_cli(
@@ -271,7 +351,9 @@ def run_cli(
         disable=as_json,
     ) as bar:
         task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan), info="")
-        convert(ckpt, out, opts, imatrix, progress=advance)
+        convert(
+            ckpt, out, opts, imatrix, progress=advance, layer_report=lambda r: _print_layer(bar.console, r)
+        )
     result = {"output": str(out), "bytes": out.stat().st_size, "payload_bytes": total, "tensors": rows}
     if as_json:
         print(json.dumps(result, indent=2))

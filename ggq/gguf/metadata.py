@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Provenance:
     recipe: str = "F32"
     imatrix_file: str | None = None
     imatrix_sha256: str | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)  # file, sha256, nsamples, seqlen, seed, damp
 
 
 def _split_regexes(pre: dict[str, Any] | None) -> list[str]:
@@ -182,6 +183,8 @@ def model_kv(ckpt: Checkpoint, llama_ftype: int, prov: Provenance) -> dict[str, 
     kv["ggq.version"] = __version__
     kv["ggq.method"] = prov.method
     kv["ggq.recipe"] = prov.recipe
+    for key, value in prov.calibration.items():
+        kv[f"ggq.calibration.{key}"] = value
     if prov.imatrix_file:
         kv["ggq.imatrix.file"] = prov.imatrix_file
         kv["ggq.imatrix.sha256"] = prov.imatrix_sha256 or ""

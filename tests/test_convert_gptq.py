@@ -1,0 +1,112 @@
+"""`ggq convert --method gptq`: layer-by-layer GPTQ written into standard GGUF blocks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ggq import native
+from ggq.checkpoint import Checkpoint
+from ggq.cli import main
+from ggq.convert import ConvertOptions, convert
+from ggq.gguf import read_gguf
+from ggq.gguf import recipe as rc
+
+SMALL = {"nsamples": 8, "seqlen": 128}
+
+
+def gptq_gguf(ckpt_dir: Path, out: Path, file_type: str, **kw: object) -> Path:
+    opts = ConvertOptions(rc.RecipeOptions(file_type), method="gptq", **{**SMALL, **kw})  # type: ignore[arg-type]
+    convert(Checkpoint(ckpt_dir), out, opts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def micro_files(qwen3_micro: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("gptq")
+    files = {"F32": d / "f32.gguf", "rtn": d / "rtn.gguf", "gptq": d / "gptq.gguf"}
+    convert(Checkpoint(qwen3_micro), files["F32"], ConvertOptions(rc.RecipeOptions("F32")))
+    convert(Checkpoint(qwen3_micro), files["rtn"], ConvertOptions(rc.RecipeOptions("Q4_K_M")))
+    gptq_gguf(qwen3_micro, files["gptq"], "Q4_K_M", nsamples=16, seqlen=256)
+    return files
+
+
+def test_gptq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -> None:
+    rtn, ours = read_gguf(micro_files["rtn"]), read_gguf(micro_files["gptq"])
+    assert {n: (t.type_id, t.nbytes) for n, t in ours.tensors.items()} == {
+        n: (t.type_id, t.nbytes) for n, t in rtn.tensors.items()
+    }
+    assert micro_files["gptq"].stat().st_size == pytest.approx(micro_files["rtn"].stat().st_size, rel=0.01)
+    meta = ours.metadata
+    assert meta["ggq.method"] == "gptq"
+    assert meta["ggq.calibration.file"] == "gutenberg-train-sample.txt"
+    assert (
+        meta["ggq.calibration.nsamples"],
+        meta["ggq.calibration.seqlen"],
+        meta["ggq.calibration.seed"],
+    ) == (16, 256, 0)
+    assert len(meta["ggq.calibration.sha256"]) == 64
+    changed = [n for n in rtn.tensors if not np.array_equal(rtn.tensor_data(n), ours.tensor_data(n))]
+    assert any(".ffn_down." in n for n in changed) and "token_embd.weight" not in changed
+
+
+def _kld(base: Path, model: Path, text: Path, tmp: Path) -> tuple[float, float]:
+    tool = str(native.tool_path("llama-perplexity"))
+    common = ["-c", "512", "--chunks", "12", "-t", "2"]
+    kld = tmp / "base.kld"
+    if not kld.exists():
+        subprocess.run(
+            [tool, "-m", str(base), "-f", str(text), *common, "--kl-divergence-base", str(kld)],
+            check=True,
+            capture_output=True,
+        )
+    out = subprocess.run(
+        [tool, "-m", str(model), "--kl-divergence-base", str(kld), "--kl-divergence", *common],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    log = out.stdout + out.stderr
+    m, top = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log), re.search(r"Same top p:\s+([0-9.]+)", log)
+    assert m and top, log[-1500:]
+    return float(m.group(1)), float(top.group(1))
+
+
+def test_gptq_is_closer_to_f32_than_rtn(
+    micro_files: dict[str, Path], shared_data: Path, tmp_path: Path
+) -> None:
+    """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text."""
+    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    kld_rtn, top_rtn = _kld(micro_files["F32"], micro_files["rtn"], text, tmp_path)
+    kld_gptq, top_gptq = _kld(micro_files["F32"], micro_files["gptq"], text, tmp_path)
+    assert kld_gptq < 0.9 * kld_rtn, (kld_gptq, kld_rtn)
+    assert top_gptq >= top_rtn - 0.5
+
+
+def test_gptq_is_deterministic(checkpoint, tmp_path: Path) -> None:
+    ckpt_dir = checkpoint("untied")
+    a = gptq_gguf(ckpt_dir, tmp_path / "a.gguf", "Q8_0", nsamples=4, seqlen=64)
+    b = gptq_gguf(ckpt_dir, tmp_path / "b.gguf", "Q8_0", nsamples=4, seqlen=64)
+    assert a.read_bytes() == b.read_bytes()
+    rtn = tmp_path / "rtn.gguf"
+    convert(Checkpoint(ckpt_dir), rtn, ConvertOptions(rc.RecipeOptions("Q8_0")))
+    ours, theirs = read_gguf(a), read_gguf(rtn)
+    assert {n: t.nbytes for n, t in ours.tensors.items()} == {n: t.nbytes for n, t in theirs.tensors.items()}
+    assert any(not np.array_equal(ours.tensor_data(n), theirs.tensor_data(n)) for n in ours.tensors)
+
+
+def test_gptq_bad_input_is_one_line(checkpoint, tmp_path: Path) -> None:
+    out = tmp_path / "x.gguf"
+    args = ["convert", str(checkpoint("tied")), "--method", "gptq", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--type", "IQ4_NL", "--nsamples", "4", "--seqlen", "32"])
+    assert result.exit_code == 2 and "GPTQ cannot target IQ4_NL" in result.output
+    short = tmp_path / "short.txt"
+    short.write_text("a few words " * 30)
+    result = CliRunner().invoke(main, [*args, "--type", "Q8_0", "--calib", str(short)])
+    assert result.exit_code == 2 and "use --nsamples" in result.output
+    assert not out.exists()
