@@ -36,7 +36,7 @@ def encode(rows: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarra
     """registry.quantize, but passing ``n_per_row`` to the block encoder when there is an imatrix
     (registry.quantize does not yet; see test_registry_quantize_with_imatrix_multirow)."""
     if imatrix is None or name not in ROW_SIGMA_TYPES:
-        return registry.quantize(rows, name, imatrix)
+        return registry.quantize(rows, name, imatrix, impl="numpy")
     fmt = registry.get(name)
     n_rows, n_per_row = rows.shape
     blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, fmt.block_size)
@@ -195,7 +195,7 @@ def test_quantize_output_decodes_to_ggml_values(name: str) -> None:
     """Round trip: ggq's own bytes decode (by ggq) to exactly what ggml decodes them to, and close
     to the input; guards a decoder that only agrees with ggml on ggml-written blocks."""
     rows = np.random.default_rng(11).standard_normal((4, 1024)).astype(np.float32)
-    data = registry.quantize(rows, name)
+    data = registry.quantize(rows, name, impl="numpy")
     values = registry.dequantize(data, name, 1024)
     assert same_floats(values, ggml_ref.dequantize(data, TYPE_IDS[name], 1024))
     assert np.sqrt(np.mean((values - rows) ** 2)) < 0.2
@@ -237,7 +237,7 @@ def test_float_types_match_ggml(name: str, with_imatrix: bool) -> None:
     payloads); BF16 rounds to nearest even with NaN -> upper bits | 0x40; F32 is a copy."""
     rows = float_patterns()
     imatrix = imatrix_for(rows.shape[1]) if with_imatrix else None
-    ours = registry.quantize(rows, name, imatrix)
+    ours = registry.quantize(rows, name, imatrix, impl="numpy")
     assert np.array_equal(ours, ggml_ref.quantize(rows, TYPE_IDS[name], imatrix))
     back = registry.dequantize(ours, name, rows.shape[1])
     if name == "F32":  # ggml has no to_float for F32: the bytes are the values
@@ -284,5 +284,5 @@ def test_registry_quantize_with_imatrix_multirow(name: str) -> None:
     rows = np.random.default_rng(2).standard_normal((4, 512)).astype(np.float32)
     imatrix = imatrix_for(512)
     assert np.array_equal(
-        registry.quantize(rows, name, imatrix), ggml_ref.quantize(rows, TYPE_IDS[name], imatrix)
+        registry.quantize(rows, name, imatrix, impl="numpy"), ggml_ref.quantize(rows, TYPE_IDS[name], imatrix)
     )

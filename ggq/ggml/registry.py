@@ -3,12 +3,18 @@
 A block format works on ``(n_blocks, block_size)`` float32 arrays and ``(n_blocks, type_size)``
 uint8 arrays, fully vectorised. ``quantize`` / ``dequantize`` take whole rows; a row is a whole
 number of blocks, and importance weights (an imatrix column vector) apply per row position.
+
+``quantize`` encodes with the C++ extension ``ggq._quants`` where it has the type (the same
+bytes, many times faster) and with the numpy ``quantize_blocks`` otherwise; ``impl=`` picks one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Literal
 
 import numpy as np
 
@@ -56,27 +62,72 @@ def get(name: str) -> BlockFormat:
     return FORMATS[key]
 
 
-def quantize(rows: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+Impl = Literal["auto", "native", "numpy"]
+
+
+@lru_cache(maxsize=1)
+def _native() -> ModuleType | None:
+    """``ggq._quants``, or None when the extension is not built (numpy then encodes everything)."""
+    try:
+        from ggq import _quants
+    except ImportError:
+        return None
+    return _quants
+
+
+def native_types() -> frozenset[str]:
+    """The types ``ggq._quants`` encodes (empty when the extension is not built)."""
+    mod = _native()
+    return frozenset(mod.types()) if mod is not None else frozenset()
+
+
+def quantize(
+    rows: np.ndarray,
+    type_name: str,
+    imatrix: np.ndarray | None = None,
+    *,
+    impl: Impl = "auto",
+    n_threads: int = 1,
+) -> np.ndarray:
     """Encode ``(n_rows, n_per_row)`` float32 rows; returns ``(n_rows, row_bytes)`` uint8.
 
     ``imatrix`` is ``(n_per_row,)``: the importance of each column, as llama.cpp's imatrix
     stores it (mean of squared activations), shared by every row.
+
+    ``impl``: "native" (``ggq._quants``; QuantError if it lacks the type), "numpy", or "auto"
+    (native where available). ``n_threads`` splits the rows of a native call across threads
+    (0: all cores); the default 1 suits callers that already encode chunks in parallel.
     """
     fmt = get(type_name)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2:
         raise QuantError(f"{fmt.name}: expected 2-D rows, got shape {rows.shape}")
-    n_rows, n_per_row = rows.shape
+    n_per_row = rows.shape[1]
     if n_per_row % fmt.block_size:
         raise QuantError(
             f"{fmt.name}: row length {n_per_row} is not a multiple of the block size {fmt.block_size}"
         )
-    nb = n_per_row // fmt.block_size
-    weights = None
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):
             raise QuantError(f"{fmt.name}: imatrix has shape {imatrix.shape}, expected ({n_per_row},)")
+    if impl not in ("auto", "native", "numpy"):
+        raise QuantError(f"{fmt.name}: impl must be 'auto', 'native' or 'numpy', got {impl!r}")
+    mod = None if impl == "numpy" else _native()
+    if mod is not None and fmt.name in native_types():
+        blocks: np.ndarray = mod.quantize(fmt.name, rows, imatrix, n_threads)
+        return blocks
+    if impl == "native":
+        why = "is not built" if mod is None else "has no encoder for it"
+        raise QuantError(f"{fmt.name}: impl='native' asked, but the extension ggq._quants {why}")
+    return _quantize_numpy(fmt, rows, imatrix)
+
+
+def _quantize_numpy(fmt: BlockFormat, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    n_rows, n_per_row = rows.shape
+    nb = n_per_row // fmt.block_size
+    weights = None
+    if imatrix is not None:
         weights = np.broadcast_to(imatrix.reshape(1, nb, fmt.block_size), (n_rows, nb, fmt.block_size))
         weights = weights.reshape(n_rows * nb, fmt.block_size)
     flat = rows.reshape(n_rows * nb, fmt.block_size)  # (n_blocks, block_size)
