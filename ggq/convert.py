@@ -31,11 +31,7 @@ class ConvertError(ValueError):
 
 
 @dataclass(frozen=True)
-class ConvertOptions:
-    recipe: recipe.RecipeOptions = field(default_factory=recipe.RecipeOptions)
-    method: str = "rtn"
-    imatrix: Path | None = None
-    threads: int = 0  # 0 = all cores
+class CalibOptions:
     calib: Path | None = None  # calibration text (gptq); None = the text shipped with ggq
     nsamples: int = 128
     seqlen: int = 512
@@ -44,12 +40,12 @@ class ConvertOptions:
 
 
 @dataclass(frozen=True)
-class CalibOptions:
-    calib: Path | None = None
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    damp: float = 0.01
+class ConvertOptions:
+    recipe: recipe.RecipeOptions = field(default_factory=recipe.RecipeOptions)
+    method: str = "rtn"
+    imatrix: Path | None = None
+    threads: int = 0  # 0 = all cores
+    cal: CalibOptions = field(default_factory=CalibOptions)
 
 
 @dataclass(frozen=True)
@@ -157,17 +153,19 @@ def _solver_stream(
     """First the calibration provenance, then per layer {GGUF name: block bytes} from GPTQ."""
     types = {t.name: t.type for t in plan}
     check_targets(types)
-    text = opts.calib or calib.default_text()
-    windows = calib.sample_windows(ckpt.path / "tokenizer.json", text, opts.nsamples, opts.seqlen, opts.seed)
+    text = opts.cal.calib or calib.default_text()
+    windows = calib.sample_windows(
+        ckpt.path / "tokenizer.json", text, opts.cal.nsamples, opts.cal.seqlen, opts.cal.seed
+    )
     yield {
         "file": windows.source,
         "sha256": windows.sha256,
-        "nsamples": opts.nsamples,
-        "seqlen": opts.seqlen,
-        "seed": opts.seed,
-        "damp": opts.damp,
+        "nsamples": opts.cal.nsamples,
+        "seqlen": opts.cal.seqlen,
+        "seed": opts.cal.seed,
+        "damp": opts.cal.damp,
     }
-    for i, results in solve_layers(ckpt, windows.tokens, types, SolverOptions(damp=opts.damp), report):
+    for i, results in solve_layers(ckpt, windows.tokens, types, SolverOptions(damp=opts.cal.damp), report):
         yield {f"blk.{i}.{name}.weight": r.data for name, r in results.items()}
 
 
@@ -247,17 +245,8 @@ def cli_options(
         leave_output_tensor=leave_output_tensor,
         has_imatrix=imatrix is not None,
     )
-    cal = cal or CalibOptions()
     return ConvertOptions(
-        recipe=ropts,
-        method=method,
-        imatrix=imatrix,
-        threads=threads,
-        calib=cal.calib,
-        nsamples=cal.nsamples,
-        seqlen=cal.seqlen,
-        seed=cal.seed,
-        damp=cal.damp,
+        recipe=ropts, method=method, imatrix=imatrix, threads=threads, cal=cal or CalibOptions()
     )
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ggq import native
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
-from ggq.convert import ConvertOptions, convert
+from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 
@@ -21,7 +21,8 @@ SMALL = {"nsamples": 8, "seqlen": 128}
 
 
 def gptq_gguf(ckpt_dir: Path, out: Path, file_type: str, **kw: object) -> Path:
-    opts = ConvertOptions(rc.RecipeOptions(file_type), method="gptq", **{**SMALL, **kw})  # type: ignore[arg-type]
+    cal = CalibOptions(**{**SMALL, **kw})  # type: ignore[arg-type]
+    opts = ConvertOptions(rc.RecipeOptions(file_type), method="gptq", cal=cal)
     convert(Checkpoint(ckpt_dir), out, opts)
     return out
 
