@@ -42,13 +42,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and pinned: the CPU build on these machines; a bare `torch` would pull CUDA wheels.
-$(VENV)/.deps: $(VENV)/bin/python pyproject.toml $(VENDOR_STAMP)
+$(VENV)/.deps: $(VENV)/bin/python pyproject.toml Makefile $(VENDOR_STAMP)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	$(PIP) install -q ./vendor/llama.cpp/gguf-py
 	$(PIP) install -q "numpy>=1.26" "transformers>=4.51" "safetensors>=0.4" "tokenizers>=0.21" \
 		"huggingface_hub>=0.24" "jinja2>=3.1" "click>=8.1" "rich>=13" \
-		"pytest>=8" "ruff>=0.6" "mypy>=1.10" diskcache typing-extensions
+		"pytest>=8" "ruff>=0.6" "mypy>=1.10" diskcache typing-extensions \
+		sentencepiece  # llama.cpp's convert_hf_to_gguf.py imports it (a test compares with it)
 	touch $@
 
 $(VENV)/.native: $(VENV)/.deps $(VENDOR_STAMP) $(NATIVE_SOURCES)
