@@ -388,41 +388,18 @@ def test_rtn_tensors_equal_llama_quantize(
 # --- quality on the trained model, judged by llama-perplexity --------------------------------
 
 
-def _kld_stats(log: str) -> tuple[float, float]:
-    import re
-
-    kld = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log)
-    top = re.search(r"Same top p:\s+([0-9.]+)", log)
-    assert kld and top, log[-2000:]
-    return float(kld.group(1)), float(top.group(1)) / 100
-
-
 def test_qwen3_micro_float_and_q8_0_quality(qwen3_micro: Path, shared_data: Path, tmp_path: Path) -> None:
     """llama-perplexity's own KL-divergence of ggq's files against ggq's F32 file (held-out text,
     24 chunks of 512). Reference: llama.cpp's own Q8_0 of this model has KLD 0.00020, top-1 98.8%."""
-    tool = str(native.tool_path("llama-perplexity"))
+    from ggq.eval import llama_tools
+
     text = shared_data / "gutenberg-heldout" / "heldout.txt"
-    common = ["-c", "512", "--chunks", "24", "-t", "2"]
     f32 = to_gguf(qwen3_micro, tmp_path / "f32.gguf")
-    base = tmp_path / "base.kld"
-    subprocess.run(
-        [tool, "-m", str(f32), "-f", str(text), *common, "--kl-divergence-base", str(base)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    base = llama_tools.kld_base(f32, text, tmp_path / "base.kld", chunks=24)
     limits = {"Q8_0": (0.0003, 0.98), "F16": (0.0001, 0.995), "BF16": (0.0001, 0.995)}
     for file_type, (max_kld, min_top) in limits.items():
-        q = to_gguf(qwen3_micro, tmp_path / f"{file_type}.gguf", file_type)
-        out = subprocess.run(
-            [tool, "-m", str(q), "--kl-divergence-base", str(base), "--kl-divergence", *common],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        kld, top = _kld_stats(out.stdout + out.stderr)
-        assert kld <= max_kld and top >= min_top, (file_type, kld, top)
+        r = llama_tools.kld(to_gguf(qwen3_micro, tmp_path / f"{file_type}.gguf", file_type), base, chunks=24)
+        assert r["kld"] <= max_kld and r["top1"] / 100 >= min_top, (file_type, r)
 
 
 @pytest.mark.parametrize("variant", ["tied", "untied", "odd-head-dim", "sharded"])

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ggq import native
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions, convert
+from ggq.eval import llama_tools
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 
@@ -56,37 +54,15 @@ def test_gptq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -
     assert any(".ffn_down." in n for n in changed) and "token_embd.weight" not in changed
 
 
-def _kld(base: Path, model: Path, text: Path, tmp: Path) -> tuple[float, float]:
-    tool = str(native.tool_path("llama-perplexity"))
-    common = ["-c", "512", "--chunks", "12", "-t", "2"]
-    kld = tmp / "base.kld"
-    if not kld.exists():
-        subprocess.run(
-            [tool, "-m", str(base), "-f", str(text), *common, "--kl-divergence-base", str(kld)],
-            check=True,
-            capture_output=True,
-        )
-    out = subprocess.run(
-        [tool, "-m", str(model), "--kl-divergence-base", str(kld), "--kl-divergence", *common],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    log = out.stdout + out.stderr
-    m, top = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log), re.search(r"Same top p:\s+([0-9.]+)", log)
-    assert m and top, log[-1500:]
-    return float(m.group(1)), float(top.group(1))
-
-
 def test_gptq_is_closer_to_f32_than_rtn(
     micro_files: dict[str, Path], shared_data: Path, tmp_path: Path
 ) -> None:
     """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text."""
     text = shared_data / "gutenberg-heldout" / "heldout.txt"
-    kld_rtn, top_rtn = _kld(micro_files["F32"], micro_files["rtn"], text, tmp_path)
-    kld_gptq, top_gptq = _kld(micro_files["F32"], micro_files["gptq"], text, tmp_path)
-    assert kld_gptq < 0.9 * kld_rtn, (kld_gptq, kld_rtn)
-    assert top_gptq >= top_rtn - 0.5
+    base = llama_tools.kld_base(micro_files["F32"], text, tmp_path / "base.kld", chunks=12)
+    rtn, gptq = (llama_tools.kld(micro_files[k], base, chunks=12) for k in ("rtn", "gptq"))
+    assert gptq["kld"] < 0.9 * rtn["kld"], (gptq, rtn)
+    assert gptq["top1"] >= rtn["top1"] - 0.5
 
 
 def test_gptq_is_deterministic(checkpoint, tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ and prints file size, PPL, ΔPPL, mean KLD against F32 and same-top-1, from llam
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ggq import native
+from ggq.eval import llama_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -30,35 +30,6 @@ def run(cmd: list[str]) -> str:
     if out.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{(out.stdout + out.stderr)[-3000:]}")
     return out.stdout + out.stderr
-
-
-def kld(model: Path, base_kld: Path, chunks: int) -> dict[str, float]:
-    log = run(
-        [
-            str(native.tool_path("llama-perplexity")),
-            "-m",
-            str(model),
-            "--kl-divergence-base",
-            str(base_kld),
-            "--kl-divergence",
-            "-c",
-            "512",
-            "--chunks",
-            str(chunks),
-            "-t",
-            "2",
-        ]
-    )
-    pats = {
-        "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)",
-        "base": r"Mean PPL\(base\)\s*:\s*([0-9.]+)",
-        "kld": r"Mean\s+KLD:\s+([0-9.]+)",
-        "top1": r"Same top p:\s+([0-9.]+)",
-    }
-    found = {k: re.search(p, log) for k, p in pats.items()}
-    if not all(found.values()):
-        sys.exit(f"llama-perplexity output not understood:\n{log[-2000:]}")
-    return {k: float(m.group(1)) for k, m in found.items() if m}
 
 
 def main() -> int:
@@ -78,24 +49,7 @@ def main() -> int:
     ggq = [sys.executable, "-m", "ggq.cli", "convert", str(args.model), "--force"]
     f32 = work / "F32.gguf"
     run([*ggq, "--type", "F32", "-o", str(f32)])
-    base = work / "f32.kld"
-    run(
-        [
-            str(native.tool_path("llama-perplexity")),
-            "-m",
-            str(f32),
-            "-f",
-            str(args.text),
-            "-c",
-            "512",
-            "--chunks",
-            str(args.chunks),
-            "-t",
-            "2",
-            "--kl-divergence-base",
-            str(base),
-        ]
-    )
+    base = llama_tools.kld_base(f32, args.text, work / "f32.kld", chunks=args.chunks)
     imatrix = work / "imatrix.gguf"
     run(
         [
@@ -149,12 +103,20 @@ def main() -> int:
             )
             print(f"ggq {method} {t}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         for label, path in files.items():
-            r = kld(path, base, args.chunks)
+            r = llama_tools.kld(path, base, chunks=args.chunks)
             rows.append(
-                (t, label, path.stat().st_size / 2**20, r["ppl"], r["ppl"] - r["base"], r["kld"], r["top1"])
+                (
+                    t,
+                    label,
+                    path.stat().st_size / 2**20,
+                    r["ppl"],
+                    r["ppl"] - r["ppl_base"],
+                    r["kld"],
+                    r["top1"],
+                )
             )
     print(
-        f"qwen3-micro, held-out text {args.text.name}, {args.chunks} chunks of 512, F32 PPL {r['base']:.3f} "
+        f"qwen3-micro, held-out text {args.text.name}, {args.chunks} chunks of 512, F32 PPL {r['ppl_base']:.3f} "
         f"(llama-perplexity --kl-divergence against ggq's F32 GGUF)\n"
     )
     print("| type | quant | MiB | PPL | ΔPPL | mean KLD | same top-1 |")

@@ -11,7 +11,6 @@ shows and checks that.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from ggq import native
 from ggq.cli import main as ggq_main
+from ggq.eval import llama_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "qwen3-micro"
@@ -39,28 +39,10 @@ def ggq(console: Console, *args: str) -> None:
 
 def kld_vs_f32(f32: Path, quant: Path) -> dict[str, float]:
     """llama-perplexity's own PPL and KL-divergence of ``quant`` against ``f32``."""
-    tool = str(native.tool_path("llama-perplexity"))
-    common = ["-c", "512", "--chunks", "16", "-t", "2"]
     base = OUT / "f32.kld"
     if not base.exists():
-        cmd = [tool, "-m", str(f32), "-f", str(TEXT), *common, "--kl-divergence-base", str(base)]
-        subprocess.run(cmd, check=True, capture_output=True)
-    cmd = [tool, "-m", str(quant), "--kl-divergence-base", str(base), "--kl-divergence", *common]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    log = out.stdout + out.stderr
-    fields = {
-        "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)",
-        "ppl_base": r"Mean PPL\(base\)\s*:\s*([0-9.]+)",
-        "kld": r"Mean\s+KLD:\s+([0-9.]+)",
-        "top1": r"Same top p:\s+([0-9.]+)",
-    }
-    values = {}
-    for key, pattern in fields.items():
-        m = re.search(pattern, log)
-        if not m:
-            raise SystemExit(f"llama-perplexity printed no {key}:\n{log[-2000:]}")
-        values[key] = float(m.group(1))
-    return values
+        llama_tools.kld_base(f32, TEXT, base, chunks=16)
+    return llama_tools.kld(quant, base, chunks=16)
 
 
 def main() -> int:

@@ -61,7 +61,7 @@ class Target:
             scales = kquants.choose_scales(self.name, w, imat)
             table = np.stack(
                 [
-                    kquants.decode(self.name, np.full(w.shape, self._code(c), np.uint8), scales)
+                    kquants.decode(self.name, np.full(w.shape, c, np.uint8), scales)
                     for c in range(self.n_codes)
                 ]
             )  # (n_codes, rows, group)
@@ -69,9 +69,6 @@ class Target:
         raw = ggml.quantize(w, self.name, importance)  # (rows, type_size)
         levels = _LEGACY[self.name][1](raw)  # (n_codes, rows)
         return GroupFit(levels[:, :, None], self.sub, raw)
-
-    def _code(self, c: int) -> int:
-        return c  # stored codes run 0..n_codes-1 for every supported type
 
     def pack(self, fit: GroupFit, codes: np.ndarray) -> np.ndarray:
         """``codes`` (rows, group) uint8 -> the rows' block bytes (rows, type_size)."""
