@@ -48,7 +48,7 @@ $(VENV)/.deps: $(VENV)/bin/python pyproject.toml Makefile $(VENDOR_STAMP)
 	$(PIP) install -q ./vendor/llama.cpp/gguf-py
 	$(PIP) install -q "numpy>=1.26" "transformers>=4.51" "safetensors>=0.4" "tokenizers>=0.21" \
 		"huggingface_hub>=0.24" "jinja2>=3.1" "click>=8.1" "rich>=13" \
-		"pytest>=8" "ruff>=0.6" "mypy>=1.10" diskcache typing-extensions \
+		"pytest>=8" "ruff>=0.6" "mypy>=1.10" diskcache typing-extensions "matplotlib>=3.8" \
 		sentencepiece  # llama.cpp's convert_hf_to_gguf.py imports it (a test compares with it)
 	touch $@
 

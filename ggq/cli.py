@@ -189,7 +189,37 @@ def convert(
     help="Tokens per decode call; n_batch // ctx chunks are evaluated side by side, as llama-perplexity does.",
 )
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
+@click.option(
+    "--dataset",
+    help="A text shipped with ggq instead of -f: wikitext-2 (the WikiText-2 raw test split, the default).",
+)
+@click.option(
+    "-ngl",
+    "--gpu-layers",
+    "n_gpu_layers",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Layers on the GPU (-1: all where there is one, as llama.cpp; > 0 without a GPU is an error).",
+)
+@click.option(
+    "--base",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Reference GGUF (e.g. the F32/BF16 file): adds llama-perplexity's KL-divergence statistics, "
+    "computed in one pass over both models.",
+)
+@click.option(
+    "--vs-q4_0",
+    "vs_q4_0",
+    is_flag=True,
+    help="Also evaluate the Q4_0 llama.cpp's own quantizer makes from --base (cached).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a PNG: KLD (with --base) or PPL against bits per weight, one marker per file.",
+)
 def ppl(
     models: tuple[Path, ...],
     text_file: Path | None,
@@ -197,15 +227,28 @@ def ppl(
     n_chunks: int | None,
     n_batch: int,
     threads: int,
+    dataset: str | None,
+    n_gpu_layers: int,
+    base: Path | None,
+    vs_q4_0: bool,
     as_json: bool,
+    plot: Path | None,
 ) -> None:
-    """Perplexity of GGUF models over a text, with llama-perplexity's protocol and numbers."""
+    """Perplexity of GGUF models over a text, with llama-perplexity's protocol and numbers.
+
+    With --base, also the KL-divergence of each model against the base, as
+    llama-perplexity --kl-divergence computes it, without a logits file.
+    """
     from ggq.eval import report
     from ggq.eval.perplexity import PerplexityConfig
 
-    config = PerplexityConfig(n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads)
+    config = PerplexityConfig(
+        n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads, n_gpu_layers=n_gpu_layers
+    )
     try:
-        report.run_cli(models, text_file, config, as_json=as_json)
+        report.run_cli(
+            models, text_file, config, as_json=as_json, base=base, vs_q4_0=vs_q4_0, plot=plot, dataset=dataset
+        )
     except report.USER_ERRORS as exc:
         raise UserError(str(exc)) from exc
 

@@ -44,7 +44,7 @@ def ggq_ppl(gguf: Path, text: Path, n_ctx: int, chunks: int, n_batch: int | None
     args = ["ppl", str(gguf), "-f", str(text), "-c", str(n_ctx), "--chunks", str(chunks), "-t", str(THREADS)]
     result = CliRunner().invoke(main, [*args, "--json"] + (["-b", str(n_batch)] if n_batch else []))
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)["results"][0]
+    return json.loads(result.stdout)["rows"][0]
 
 
 def assert_same_estimate(ours: dict, ref: tuple[float, float]) -> None:
@@ -93,8 +93,9 @@ def test_two_models_in_one_table(tied: dict[str, Path], prose: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if ".gguf" in line]
-    assert len(rows) == 2 and "tied-F32.gguf" in rows[0] and "tied-Q8_0.gguf" in rows[1], result.stdout
-    for row, t in zip(rows, ("F32", "Q8_0"), strict=True):
+    # sorted by file size, smallest first, as llama.cpp users compare quants
+    assert len(rows) == 2 and "tied-Q8_0.gguf" in rows[0] and "tied-F32.gguf" in rows[1], result.stdout
+    for row, t in zip(rows, ("Q8_0", "F32"), strict=True):
         assert f"{runs[t]['ppl']:.4f}" in row and f"{runs[t]['ppl_err']:.5f}" in row, row
 
 

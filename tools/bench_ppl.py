@@ -100,7 +100,7 @@ def run_llama(gguf: Path, text: Path, n_ctx: int, chunks: int, threads: int) -> 
 def run_ggq(gguf: Path, text: Path, n_ctx: int, chunks: int, threads: int) -> Timing:
     cmd = [sys.executable, "-m", "ggq.cli", "ppl", str(gguf), "-f", str(text), "-c", str(n_ctx)]
     out, _, wall, cpu = _run([*cmd, "--chunks", str(chunks), "-t", str(threads), "--json"])
-    r = json.loads(out)["results"][0]
+    r = json.loads(out)["rows"][0]
     return Timing(r["seconds"], wall, cpu, r["ppl"], r["ppl_err"])
 
 

@@ -19,6 +19,24 @@ KLD_FIELDS = {
     "kld": r"Mean\s+KLD:\s+([0-9.]+)",
     "top1": r"Same top p:\s+([0-9.]+)",  # percent
 }
+# every statistic of the summary, as "name: value" (± uncertainty); values in % stay in %
+_NUM = r"(-?[0-9.]+)"
+KLD_STATS = {
+    "ppl": (r"Mean PPL\(Q\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "ppl_base": (r"Mean PPL\(base\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "ln_ppl_ratio": (r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "kld": (r"Mean\s+KLD:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "kld_max": r"Maximum KLD:\s*" + _NUM,
+    "kld_p999": r"99\.9%\s+KLD:\s*" + _NUM,
+    "kld_p99": r"99\.0%\s+KLD:\s*" + _NUM,
+    "kld_p95": r"95\.0%\s+KLD:\s*" + _NUM,
+    "kld_p90": r"90\.0%\s+KLD:\s*" + _NUM,
+    "kld_median": r"Median\s+KLD:\s*" + _NUM,
+    "dp_mean": (r"Mean\s+Δp:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "dp_max": r"Maximum Δp:\s*" + _NUM,
+    "dp_rms": (r"RMS Δp\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "same_top": (r"Same top p:\s*" + _NUM + r"\s*±\s*" + _NUM),
+}
 ATTEMPTS = 5
 
 
@@ -46,6 +64,43 @@ def kld_base(f32: Path, text: Path, out: Path, n_ctx: int = 512, chunks: int = 4
             f"llama-perplexity --kl-divergence-base failed:\n{(done.stdout + done.stderr)[-3000:]}"
         )
     return out
+
+
+def parse_kld_stats(log: str) -> dict[str, float]:
+    """Every statistic of llama-perplexity's --kl-divergence summary; "X_err" for each "± Y".
+
+    Percent values (Δp, same top p) are converted to fractions. Raises LlamaToolError when the
+    summary is incomplete.
+    """
+    out: dict[str, float] = {}
+    for key, pattern in KLD_STATS.items():
+        m = re.search(pattern, log)
+        if m is None:
+            raise LlamaToolError(f"no {key!r} in the llama-perplexity summary")
+        scale = 0.01 if key.startswith(("dp_", "same_top")) else 1.0
+        out[key] = float(m.group(1)) * scale
+        if m.lastindex == 2:
+            out[key + "_err"] = float(m.group(2)) * scale
+    return out
+
+
+def kld_stats(
+    model: Path, base: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2
+) -> dict[str, float]:
+    """The whole --kl-divergence summary of ``model`` against a ``kld_base`` file (parse_kld_stats)."""
+    cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base)]
+    cmd += ["--kl-divergence", *_common(n_ctx, chunks, threads)]
+    log = ""
+    for _ in range(ATTEMPTS):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        log = done.stdout + done.stderr
+        if done.returncode != 0:
+            break
+        try:
+            return parse_kld_stats(log)
+        except LlamaToolError:
+            continue
+    raise LlamaToolError(f"llama-perplexity --kl-divergence gave no summary for {model}:\n{log[-3000:]}")
 
 
 def kld(model: Path, base: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2) -> dict[str, float]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ggq import native
+from ggq.eval.kld import KldAccumulator, KldStats
 from ggq.gguf import GGUFFormatError, read_gguf
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -38,6 +39,7 @@ class PerplexityConfig:
     n_chunks: int | None = None  # None: every whole chunk of the text
     n_threads: int = 0  # 0: every core this process may use
     n_ubatch: int = 512
+    n_gpu_layers: int = -1  # llama.cpp's default: every layer on the GPU where there is one
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,26 @@ def check_model_file(path: Path, n_ctx: int) -> None:
         )
 
 
-def load_model(path: Path, n_ctx: int) -> Any:
+def gpu_devices() -> list[str]:
+    """Descriptions of the GPUs the linked llama.cpp can use (none in a CPU build)."""
+    return [d["description"] for d in native.load().devices() if d["type"] in ("gpu", "igpu")]
+
+
+def check_gpu_layers(n_gpu_layers: int) -> None:
+    if n_gpu_layers > 0 and not gpu_devices():
+        raise PerplexityError(
+            f"--gpu-layers {n_gpu_layers}: no GPU available to this llama.cpp build "
+            "(`ggq info` lists its back ends and devices; build with GGQ_CUDA=ON for CUDA)"
+        )
+
+
+def load_model(path: Path, n_ctx: int, n_gpu_layers: int = -1) -> Any:
     """The model as ``ggq._native.Model``, after the file checks."""
     check_model_file(path, n_ctx)
+    check_gpu_layers(n_gpu_layers)
     mod = native.load()
     try:
-        model = mod.Model(str(path))
+        model = mod.Model(str(path), n_gpu_layers)
     except mod.LlamaError as exc:
         raise PerplexityError(str(exc)) from exc
     if model.add_eos:
@@ -179,7 +195,7 @@ class Run:
 
 def prepare(path: Path, text: bytes, config: PerplexityConfig, source: str = "text") -> Run:
     """Every check and load that can fail on bad input, before any chunk is evaluated."""
-    model = load_model(path, config.n_ctx)
+    model = load_model(path, config.n_ctx, config.n_gpu_layers)
     tokens = tokenize(model, text, config.n_ctx, source)
     n_chunks = len(tokens) // config.n_ctx
     if config.n_chunks is not None:
@@ -188,6 +204,24 @@ def prepare(path: Path, text: bytes, config: PerplexityConfig, source: str = "te
     n_ubatch = min(config.n_ubatch, config.n_batch)
     ev = native.load().Evaluator(model, config.n_ctx, config.n_batch, n_ubatch, threads)
     return Run(path, ev, tokens, n_chunks, threads)
+
+
+def _result(r: Run, nll_sum: float, nll2_sum: float, count: int, seconds: float) -> PerplexityResult:
+    ev = r.evaluator
+    ppl, err = ppl_estimate(nll_sum, nll2_sum, count)
+    return PerplexityResult(
+        model=str(r.path),
+        n_ctx=ev.n_ctx,
+        n_batch=ev.n_batch,
+        n_seq=ev.n_seq,
+        n_chunks=r.n_chunks,
+        n_text_tokens=len(r.tokens),
+        n_scored=count,
+        nll=nll_sum / count,
+        ppl=ppl,
+        ppl_err=err,
+        seconds=seconds,
+    )
 
 
 def run(r: Run, progress: Callable[[ChunkProgress], None] | None = None) -> PerplexityResult:
@@ -206,21 +240,90 @@ def run(r: Run, progress: Callable[[ChunkProgress], None] | None = None) -> Perp
         done += len(group)
         if progress is not None:
             progress(ChunkProgress(done, r.n_chunks, math.exp(nll_sum / count)))
-    seconds = time.perf_counter() - start
-    ppl, err = ppl_estimate(nll_sum, nll2_sum, count)
-    return PerplexityResult(
-        model=str(r.path),
-        n_ctx=ev.n_ctx,
-        n_batch=ev.n_batch,
-        n_seq=ev.n_seq,
-        n_chunks=r.n_chunks,
-        n_text_tokens=len(r.tokens),
-        n_scored=count,
-        nll=nll_sum / count,
-        ppl=ppl,
-        ppl_err=err,
-        seconds=seconds,
-    )
+    return _result(r, nll_sum, nll2_sum, count, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A model evaluated against the base: its perplexity and llama-perplexity's KLD statistics."""
+
+    result: PerplexityResult
+    kld: KldStats
+
+
+def check_same_text(base: Run, r: Run) -> None:
+    """A KL-divergence needs the same vocabulary and the same tokens in both models."""
+    nb, nq = base.evaluator.n_vocab, r.evaluator.n_vocab
+    if nb != nq:
+        raise PerplexityError(
+            f"{r.path}: vocabulary of {nq} tokens, but the base {base.path} has {nb}; "
+            "a KL-divergence needs the same vocabulary"
+        )
+    if not np.array_equal(
+        base.tokens[: base.n_chunks * base.evaluator.n_ctx], r.tokens[: r.n_chunks * r.evaluator.n_ctx]
+    ):
+        raise PerplexityError(f"{r.path}: tokenizes the text differently from the base {base.path}")
+
+
+def run_against_base(
+    base: Run,
+    runs: list[Run],
+    progress: Callable[[int, int, list[tuple[float, float]]], None] | None = None,
+) -> tuple[PerplexityResult, list[Compared]]:
+    """One pass over the chunks: the base and every model evaluate each group of chunks, then each
+    model's logits are compared with the base's in ``ggq._native`` (nothing is written to disk).
+
+    Returns the base's own perplexity (the plain protocol) and, per model, its perplexity and KLD
+    statistics as ``llama-perplexity --kl-divergence`` prints them. ``progress(done, total,
+    [(PPL, mean KLD) per model])`` after every group.
+    """
+    for r in runs:
+        check_same_text(base, r)
+    ev_b = base.evaluator
+    accs = [KldAccumulator() for _ in runs]
+    seconds = [0.0] * len(runs)
+    b_sum = b_sum2 = 0.0
+    b_count = done = 0
+    b_seconds = 0.0
+    for group in chunk_groups(base.tokens, ev_b.n_ctx, base.n_chunks, ev_b.n_seq):
+        t0 = time.perf_counter()
+        ev_b.evaluate(group)
+        b_seconds += time.perf_counter() - t0
+        nll: np.ndarray | None = None  # the base's plain NLL: a by-product of the first comparison
+        for i, r in enumerate(runs):
+            t0 = time.perf_counter()
+            r.evaluator.evaluate(group)
+            tokens = r.evaluator.kld(ev_b, r.n_threads)
+            if nll is None:
+                nll = tokens["nll_base_exact"]
+                _check_finite(nll, base.path, done, ev_b.first)
+            _check_finite(tokens["kld"], r.path, done, ev_b.first)
+            accs[i].add(tokens)
+            seconds[i] += time.perf_counter() - t0
+        if nll is None:
+            t0 = time.perf_counter()
+            nll = ev_b.nll(base.n_threads)
+            _check_finite(nll, base.path, done, ev_b.first)
+            b_seconds += time.perf_counter() - t0
+        b_sum += float(nll.sum())
+        b_sum2 += float(np.square(nll).sum())
+        b_count += nll.size
+        done += len(group)
+        if progress is not None:
+            progress(done, base.n_chunks, [a.running() for a in accs])
+    compared = []
+    for r, acc, sec in zip(runs, accs, seconds, strict=True):
+        stats = acc.stats()
+        nll_q = np.concatenate(acc.parts["nll"])
+        res = _result(
+            r,
+            float(nll_q.sum(dtype=np.float64)),
+            float(np.square(nll_q.astype(np.float64)).sum()),
+            len(nll_q),
+            sec,
+        )
+        compared.append(Compared(res, stats))
+    return _result(base, b_sum, b_sum2, b_count, b_seconds), compared
 
 
 def perplexity(

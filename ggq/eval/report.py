@@ -1,80 +1,278 @@
-"""`ggq ppl` on the terminal: a progress bar per model, then a results table or JSON."""
+"""`ggq ppl` on the terminal: progress bars, then one results table (or JSON, or a plot).
+
+Without ``--base`` each model is evaluated on its own, one in memory at a time. With ``--base``
+the base and every model are loaded together and evaluated chunk by chunk in one pass, each
+model's logits compared with the base's as they come (``perplexity.run_against_base``);
+``--vs-q4_0`` adds llama.cpp's own Q4_0 of the base to the models.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ggq.eval.baseline import q4_0_baseline
+from ggq.eval.kld import KldStats
 from ggq.eval.perplexity import (
     DEFAULT_TEXT,
     ChunkProgress,
     PerplexityConfig,
     PerplexityError,
     PerplexityResult,
+    check_gpu_layers,
     check_model_file,
     load_text,
     prepare,
     run,
+    run_against_base,
 )
+from ggq.gguf import read_gguf
+from ggq.gguf import recipe as rc
 
 USER_ERRORS: tuple[type[Exception], ...] = (PerplexityError,)
+DATASETS = {"wikitext-2": DEFAULT_TEXT}
+_FTYPE_NAMES = {ft.llama_ftype: name for name, ft in rc.FILE_TYPES.items()}
 
 
 def result_dict(r: PerplexityResult) -> dict[str, Any]:
     return {**asdict(r), "tokens_per_second": r.tokens_per_second}
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    type: str  # the recipe, as llama-quantize names it (general.file_type)
+    method: str | None  # ggq.method for files ggq made
+    size_mib: float
+    bpw: float  # bits per weight over every tensor of the file
+
+
+def file_info(path: Path) -> FileInfo:
+    gg = read_gguf(path)
+    ftype = int(gg.metadata.get("general.file_type", -1)) & ~1024  # 1024: llama.cpp's "guessed" flag
+    n_bytes = sum(t.nbytes for t in gg.tensors.values())
+    n_weights = sum(math.prod(t.shape) for t in gg.tensors.values())
+    name = _FTYPE_NAMES.get(ftype, f"ftype {ftype}")
+    # llama-quantize copies every key of its input: ggq.* of a ggq F32 describe that file, not this one
+    method = gg.metadata.get("ggq.method") if gg.metadata.get("ggq.recipe") == name else None
+    return FileInfo(
+        type=name,
+        method=str(method) if method is not None else None,
+        size_mib=path.stat().st_size / 2**20,
+        bpw=8 * n_bytes / n_weights if n_weights else math.nan,
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a file, what it is, and how it scored."""
+
+    file: str
+    role: str  # "base", "llama.cpp Q4_0" (the --vs-q4_0 baseline) or "model"
+    info: FileInfo
+    ppl: PerplexityResult
+    kld: KldStats | None
+
+    def as_dict(self, base_ppl: float | None) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "role": self.role, **asdict(self.info)}
+        d.update(result_dict(self.ppl))
+        if base_ppl is not None:
+            d["delta_ppl"] = self.ppl.ppl - base_ppl
+            d["delta_ppl_pct"] = 100 * (self.ppl.ppl / base_ppl - 1)
+        d["kld"] = asdict(self.kld) if self.kld is not None else None
+        return d
+
+
+def _label(row: Row) -> str:
+    if row.info.method and row.info.type not in rc.FLOAT_TYPES:
+        return f"{row.info.type} ggq {row.info.method}"
+    return f"{row.info.type} llama.cpp" if row.info.type not in rc.FLOAT_TYPES else row.info.type
+
+
+def _progress(as_json: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=as_json,
+    )
+
+
 def _updater(bar: Any, task: Any) -> Callable[[ChunkProgress], None]:
     def update(p: ChunkProgress) -> None:
-        bar.update(task, completed=p.done, total=p.total, ppl=f"PPL {p.ppl:.4f}")
+        bar.update(task, completed=p.done, total=p.total, info=f"PPL {p.ppl:.4f}")
 
     return update
 
 
-def run_cli(models: Sequence[Path], text_file: Path | None, config: PerplexityConfig, as_json: bool) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    text = load_text(text_file)
-    source = str(text_file or DEFAULT_TEXT)
-    for path in models:  # every file checked before the first one costs minutes
-        check_model_file(path, config.n_ctx)
-    results = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[ppl]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=as_json,
-    ) as bar:
+def _plain_rows(
+    models: Sequence[Path], text: bytes, source: str, config: PerplexityConfig, quiet: bool
+) -> list[Row]:
+    rows = []
+    with _progress(quiet) as bar:
         for path in models:
             prepared = prepare(path, text, config, source)  # bad input fails before its bar shows
-            task = bar.add_task(path.name, total=prepared.n_chunks, ppl="")
-            results.append(run(prepared, _updater(bar, task)))
+            task = bar.add_task(path.name, total=prepared.n_chunks, info="")
+            rows.append(Row(path.name, "model", file_info(path), run(prepared, _updater(bar, task)), None))
             del prepared  # one model in memory at a time
-    if as_json:
-        print(json.dumps({"text": source, "results": [result_dict(r) for r in results]}, indent=2))
-        return
-    names = [Path(r.model).name for r in results]
-    labels = names if len(set(names)) == len(names) else [r.model for r in results]
-    table = Table(title=f"perplexity of {source}")
-    table.add_column("model", overflow="fold")
-    for name in ("chunks", "ctx", "scored", "PPL", "±", "tok/s"):
+    return rows
+
+
+def _rows_against_base(
+    base: Path,
+    models: Sequence[tuple[Path, str]],
+    text: bytes,
+    source: str,
+    config: PerplexityConfig,
+    quiet: bool,
+) -> list[Row]:
+    base_run = prepare(base, text, config, source)
+    runs = [prepare(p, text, config, source) for p, _ in models]
+    with _progress(quiet) as bar:
+        task = bar.add_task(f"{len(runs)} model(s) vs {base.name}", total=base_run.n_chunks, info="")
+
+        def update(done: int, total: int, running: list[tuple[float, float]]) -> None:
+            info = "  ".join(f"KLD {k:.5f}" for _, k in running)
+            bar.update(task, completed=done, total=total, info=info)
+
+        base_result, compared = run_against_base(base_run, runs, update)
+    rows = [Row(base.name, "base", file_info(base), base_result, None)]
+    for (path, role), c in zip(models, compared, strict=True):
+        name = f"{base.stem}-Q4_0.gguf" if role == "llama.cpp Q4_0" else path.name
+        rows.append(Row(name, role, file_info(path), c.result, c.kld))
+    return rows
+
+
+def _render(rows: list[Row], source: str, has_base: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base_ppl = rows[0].ppl.ppl if has_base else None
+    title = f"perplexity of {Path(source).name}" + (
+        f", KL-divergence against {rows[0].file}" if has_base else ""
+    )
+    table = Table(title=title)
+    table.add_column("file", overflow="fold")
+    table.add_column("type")
+    for name in ("MiB", "bpw", "PPL"):
         table.add_column(name, justify="right")
-    for label, r in zip(labels, results, strict=True):
-        table.add_row(
-            label,
-            str(r.n_chunks),
-            str(r.n_ctx),
-            f"{r.n_scored:,}",
-            f"{r.ppl:.4f}",
-            f"{r.ppl_err:.5f}",
-            f"{r.tokens_per_second:,.0f}",
-        )
+    if has_base:
+        for name in ("ΔPPL", "mean KLD", "same top p"):
+            table.add_column(name, justify="right")
+    table.add_column("tok/s", justify="right")
+    for row in sorted(rows, key=lambda r: r.info.size_mib):
+        cells = [
+            row.file if row.role == "model" else f"{row.file} ({row.role})",
+            _label(row),
+            f"{row.info.size_mib:,.1f}",
+            f"{row.info.bpw:.2f}",
+            f"{row.ppl.ppl:.4f} ± {row.ppl.ppl_err:.5f}",
+        ]
+        if base_ppl is not None:
+            if row.kld is None:
+                cells += ["", "", ""]
+            else:
+                d = row.ppl.ppl - base_ppl
+                cells += [
+                    f"{d:+.4f} ({100 * d / base_ppl:+.2f}%)",
+                    f"{row.kld.kld:.6f} ± {row.kld.kld_err:.6f}",
+                    f"{100 * row.kld.same_top:.2f} ± {100 * row.kld.same_top_err:.2f}%",
+                ]
+        cells.append(f"{row.ppl.tokens_per_second:,.0f}")
+        table.add_row(*cells)
     Console().print(table)
+
+
+def write_plot(rows: list[Row], out: Path, source: str) -> None:
+    """KLD (with a base) or PPL against bits per weight, one labelled marker per file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_kld = any(r.kld is not None for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        if use_kld and row.kld is None:
+            continue  # the base: KLD 0 by definition
+        y = row.kld.kld if use_kld and row.kld is not None else row.ppl.ppl
+        marker = {"base": "*", "llama.cpp Q4_0": "s"}.get(row.role, "o")
+        ax.scatter([row.info.bpw], [y], marker=marker, s=50)
+        ax.annotate(
+            f"{row.file}\n{_label(row)}",
+            (row.info.bpw, y),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    if use_kld:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("mean KL-divergence vs base" if use_kld else "perplexity")
+    ax.set_title(f"{'KLD' if use_kld else 'PPL'} vs size on {Path(source).name}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def resolve_text(text_file: Path | None, dataset: str | None) -> tuple[bytes, str]:
+    if text_file is not None and dataset is not None:
+        raise PerplexityError("-f and --dataset: give one text, not both")
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise PerplexityError(
+                f"--dataset {dataset}: unknown; available: {', '.join(DATASETS)} (or -f FILE)"
+            )
+        text_file = DATASETS[dataset]
+    return load_text(text_file), str(text_file or DEFAULT_TEXT)
+
+
+def run_cli(
+    models: Sequence[Path],
+    text_file: Path | None,
+    config: PerplexityConfig,
+    as_json: bool,
+    base: Path | None = None,
+    vs_q4_0: bool = False,
+    plot: Path | None = None,
+    dataset: str | None = None,
+) -> None:
+    text, source = resolve_text(text_file, dataset)
+    check_gpu_layers(config.n_gpu_layers)
+    if vs_q4_0 and base is None:
+        raise PerplexityError("--vs-q4_0: needs --base BASE.gguf (the F32/F16/BF16 file to quantize)")
+    for path in (*models, *([base] if base else [])):  # every file checked before minutes are spent
+        check_model_file(path, config.n_ctx)
+    if base is None:
+        rows = _plain_rows(models, text, source, config, as_json)
+    else:
+        entries = [(p, "model") for p in models]
+        if vs_q4_0:
+            entries.append((q4_0_baseline(base, config.n_threads), "llama.cpp Q4_0"))
+        rows = _rows_against_base(base, entries, text, source, config, as_json)
+    if plot is not None:
+        write_plot(rows, plot, source)
+    if as_json:
+        base_ppl = rows[0].ppl.ppl if base else None
+        doc = {
+            "text": source,
+            "n_ctx": config.n_ctx,
+            "base": str(base) if base else None,
+            "rows": [r.as_dict(base_ppl) for r in sorted(rows, key=lambda r: r.info.size_mib)],
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    _render(rows, source, base is not None)

@@ -273,4 +273,28 @@ void Evaluator::nll(double * out, int n_threads) const {
     });
 }
 
+void Evaluator::kld(const Evaluator & base, KldToken * out, int n_threads) const {
+    if (&base == this) {
+        throw std::invalid_argument("kld(): the base must be another evaluator");
+    }
+    std::scoped_lock lock(busy_, base.busy_);
+    if (n_chunks_ == 0 || base.n_chunks_ == 0) {
+        throw std::logic_error("kld() before evaluate() of both models");
+    }
+    if (base.n_vocab_ != n_vocab_) {
+        throw std::invalid_argument("different vocabularies: " + std::to_string(n_vocab_) + " tokens vs " +
+                                    std::to_string(base.n_vocab_) + " in the base");
+    }
+    if (base.layout_.n_ctx != layout_.n_ctx || base.n_chunks_ != n_chunks_ || base.tokens_ != tokens_) {
+        throw std::invalid_argument("kld(): the base evaluated other chunks than this model");
+    }
+    const int64_t n_scored = layout_.n_scored;
+    parallel_for(n_chunks_ * n_scored, n_threads, [&](int64_t i) {
+        const auto chunk = static_cast<int32_t>(i / n_scored);
+        const int64_t row = i % n_scored;
+        out[i] = kld_row(logits(chunk) + row * n_vocab_, base.logits(chunk) + row * n_vocab_, n_vocab_,
+                         targets(chunk)[row]);
+    });
+}
+
 }  // namespace ggq

@@ -11,6 +11,7 @@
 
 #include "ggml.h"
 #include "llama.h"
+#include "logits.h"
 
 namespace ggq {
 
@@ -80,6 +81,11 @@ class Evaluator {
 
     // NLL of every scored token of the last evaluate(): out[n_chunks][n_scored].
     void nll(double * out, int n_threads) const;
+
+    // llama-perplexity's --kl-divergence statistics of every scored token of the last
+    // evaluate() against `base`, which must have evaluated the same chunks with the same
+    // layout and vocabulary size: out[n_chunks][n_scored].
+    void kld(const Evaluator & base, KldToken * out, int n_threads) const;
 
   private:
     void warm_up();

@@ -165,6 +165,80 @@ py::array_t<double> nll_rows(const py::array & logits, const py::array & targets
     return out;
 }
 
+// KldToken fields as separate arrays of the given shape, under the names ggq.eval.kld reads.
+py::dict kld_arrays(const std::vector<ggq::KldToken> & toks, std::vector<py::ssize_t> shape) {
+    py::array_t<double> kld(shape);
+    py::array_t<float> p_diff(shape), nll(shape), nll_base(shape);
+    py::array_t<double> nll_base_exact(shape);
+    py::array_t<bool> same_top(shape);
+    for (size_t i = 0; i < toks.size(); ++i) {
+        kld.mutable_data()[i] = toks[i].kld;
+        p_diff.mutable_data()[i] = toks[i].p_diff;
+        nll.mutable_data()[i] = toks[i].nll;
+        nll_base.mutable_data()[i] = toks[i].nll_base;
+        nll_base_exact.mutable_data()[i] = toks[i].nll_base_exact;
+        same_top.mutable_data()[i] = toks[i].same_top;
+    }
+    py::dict d;
+    d["kld"] = kld;
+    d["p_diff"] = p_diff;
+    d["nll"] = nll;
+    d["nll_base"] = nll_base;
+    d["nll_base_exact"] = nll_base_exact;
+    d["same_top"] = same_top;
+    return d;
+}
+
+py::dict chunk_kld(const ggq::Evaluator & ev, const ggq::Evaluator & base, int n_threads) {
+    if (n_threads < 1) {
+        throw py::value_error("n_threads must be >= 1, got " + std::to_string(n_threads));
+    }
+    std::vector<ggq::KldToken> toks(static_cast<size_t>(ev.n_chunks()) * ev.layout().n_scored);
+    {
+        py::gil_scoped_release release;
+        ev.kld(base, toks.data(), n_threads);
+    }
+    return kld_arrays(toks, {static_cast<py::ssize_t>(ev.n_chunks()), static_cast<py::ssize_t>(ev.layout().n_scored)});
+}
+
+py::dict kld_rows(const py::array & q, const py::array & base, const py::array & targets, int n_threads) {
+    check_array<float>(q, "logits", 2);
+    check_array<float>(base, "base_logits", 2);
+    check_array<int32_t>(targets, "targets", 1);
+    if (base.shape(0) != q.shape(0) || base.shape(1) != q.shape(1) || targets.shape(0) != q.shape(0)) {
+        throw py::value_error("logits, base_logits and targets: expected shapes (n, n_vocab), (n, n_vocab), (n,)");
+    }
+    if (q.shape(1) < 1 || q.shape(1) > INT32_MAX || n_threads < 1) {
+        throw py::value_error("logits: expected 1..2^31-1 columns and n_threads >= 1");
+    }
+    const auto n_vocab = static_cast<int32_t>(q.shape(1));
+    const auto * ids = static_cast<const int32_t *>(targets.data());
+    check_token_ids(ids, static_cast<size_t>(targets.size()), n_vocab, "targets");
+    std::vector<ggq::KldToken> toks(static_cast<size_t>(q.shape(0)));
+    const auto * qp = static_cast<const float *>(q.data());
+    const auto * bp = static_cast<const float *>(base.data());
+    {
+        py::gil_scoped_release release;
+        ggq::kld_rows(qp, bp, q.shape(0), n_vocab, n_vocab, ids, toks.data(), n_threads);
+    }
+    return kld_arrays(toks, {q.shape(0)});
+}
+
+// llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs) with its defaults.
+void quantize_model(const std::string & input, const std::string & output, int32_t ftype, int32_t n_threads) {
+    llama_model_quantize_params params = llama_model_quantize_default_params();
+    params.ftype = static_cast<enum llama_ftype>(ftype);
+    params.nthread = n_threads;
+    uint32_t rc = 0;
+    {
+        py::gil_scoped_release release;
+        rc = llama_model_quantize(input.c_str(), output.c_str(), &params);
+    }
+    if (rc != 0) {
+        throw ggq::LlamaError(input + ": llama_model_quantize failed (code " + std::to_string(rc) + ")");
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -216,8 +290,16 @@ PYBIND11_MODULE(_native, m) {
         .def("nll", &chunk_nll, py::arg("n_threads"),
              "NLL of every scored token of the last evaluate(): float64 (k, n_scored).")
         .def("logits", &chunk_logits, py::arg("chunk"),
-             "A copy of one chunk's scored logits: float32 (n_scored, n_vocab).");
+             "A copy of one chunk's scored logits: float32 (n_scored, n_vocab).")
+        .def("kld", &chunk_kld, py::arg("base"), py::arg("n_threads"),
+             "llama-perplexity's KL-divergence statistics against another evaluator that evaluated the "
+             "same chunks: dict of arrays (k, n_scored): kld f64, p_diff/nll/nll_base f32, nll_base_exact f64 (the base's "
+             "plain NLL), same_top bool.");
 
     m.def("nll_rows", &nll_rows, py::arg("logits"), py::arg("targets"), py::arg("n_threads"),
           "The per-token kernel on plain arrays: float32 (n, n_vocab), int32 (n,) -> float64 NLL (n,).");
+    m.def("quantize", &quantize_model, py::arg("input"), py::arg("output"), py::arg("ftype"), py::arg("n_threads"),
+          "llama_model_quantize() with llama.cpp's default parameters and the given llama_ftype.");
+    m.def("kld_rows", &kld_rows, py::arg("logits"), py::arg("base_logits"), py::arg("targets"), py::arg("n_threads"),
+          "The KL-divergence kernel on plain arrays: dict of (n,) arrays as Evaluator.kld returns.");
 }

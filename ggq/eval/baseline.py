@@ -1,0 +1,70 @@
+"""The Q4_0 that llama.cpp's own quantizer makes: the baseline every ggq quant is compared with.
+
+Built from a float (F32/F16/BF16) GGUF through ``llama_model_quantize`` (what ``llama-quantize
+BASE OUT Q4_0`` runs, default parameters, no importance matrix) in the linked llama.cpp, and
+cached by the base file's content hash and the llama.cpp commit, so a second ``--vs-q4_0`` run
+costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ggq import native
+from ggq.eval.perplexity import PerplexityError
+from ggq.gguf import GGUFFormatError, read_gguf
+from ggq.gguf import recipe as rc
+
+FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in rc.FLOAT_TYPES}
+
+
+def cache_dir() -> Path:
+    """$GGQ_CACHE, else $XDG_CACHE_HOME/ggq, else ~/.cache/ggq."""
+    if os.environ.get("GGQ_CACHE"):
+        return Path(os.environ["GGQ_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ggq"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_float_base(path: Path) -> str:
+    """The base's file type name; a quantized base cannot make a fair baseline."""
+    try:
+        ftype = read_gguf(path).metadata.get("general.file_type", 0)
+    except GGUFFormatError as exc:
+        raise PerplexityError(str(exc)) from exc
+    if ftype not in FLOAT_FILE_TYPES:
+        raise PerplexityError(
+            f"{path}: --vs-q4_0 needs a F32, F16 or BF16 base to quantize (general.file_type = {ftype})"
+        )
+    return FLOAT_FILE_TYPES[ftype]
+
+
+def q4_0_baseline(base: Path, n_threads: int = 0, cache: Path | None = None) -> Path:
+    """Path of llama.cpp's Q4_0 of ``base``, made on first use (atomically) and cached."""
+    check_float_base(base)
+    mod = native.load()
+    key = hashlib.sha256(f"{file_sha256(base)}:{mod.LLAMA_CPP_COMMIT}:Q4_0".encode()).hexdigest()[:20]
+    folder = (cache or cache_dir()) / "baselines"
+    out = folder / f"{base.stem}-{key}-llama.cpp-Q4_0.gguf"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        mod.quantize(str(base), str(tmp), rc.FILE_TYPES["Q4_0"].llama_ftype, n_threads)
+        os.replace(tmp, out)
+    except mod.LlamaError as exc:
+        raise PerplexityError(str(exc)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
