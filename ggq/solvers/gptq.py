@@ -1,25 +1,32 @@
 """GPTQ whose quantizer is the target ggml block format.
 
-Columns (input features) are quantized left to right with error feedback through the inverse
+Columns (input features) are quantized one at a time with error feedback through the inverse
 Hessian (Frantar et al., 2022). A ggml block spans ``group`` consecutive columns of a row, so
 the block's scales are chosen when the solver reaches the block's first column, from the
 weights as they are then (already corrected for the error of earlier columns), weighted by the
-Hessian diagonal (the imatrix idea). Each column is then rounded to the nearest of the values
-that block can decode to, read from ggml-exact decoding tables: the error fed back is the error
-of the value llama.cpp will dequantize from the file, and the solver's final weights equal
-ggml's dequantization of the bytes written.
+Hessian diagonal (the imatrix idea), by ggml's own encoder. Each column is then rounded to the
+nearest of the values that block can decode to, read from ggml-exact decoding tables: the error
+fed back is the error of the value llama.cpp will dequantize from the file, and the solver's
+final weights equal ggml's dequantization of the bytes written.
+
+With ``act_order`` the columns are processed in order of decreasing Hessian diagonal. A block's
+columns are then no longer processed together, so every block's scales are fitted up front on
+the original weights ("static groups") and each column is rounded on its own block's grid.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ggq import ggml
-from ggq.ggml import kquants, legacy
+from ggq.ggml import iq4, kquants, legacy
 from ggq.ggml.floats import fp16_field
+
+F32 = np.float32
 
 
 class SolverError(ValueError):
@@ -27,12 +34,52 @@ class SolverError(ValueError):
 
 
 @dataclass(frozen=True)
-class GroupFit:
-    """Fixed scales of one group of columns, for all rows."""
+class _BlockCodes:
+    """A 32-weight block: fp16 ``d`` (and fp16 ``m``), then the code bytes; code c decodes to
+    ``unit[c] * d`` (``+ m``), in ggml's float32 order."""
 
-    levels: np.ndarray  # (n_codes, rows, n_sub) float32: the exact value each code decodes to
+    unit: np.ndarray  # (n_codes,) float32, ascending
+    has_min: bool
+    code_bytes: Callable[[np.ndarray], np.ndarray]  # (rows, 32) uint8 codes -> (rows, k) uint8
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    return legacy.pack_nibbles(codes)
+
+
+def _five_bits(codes: np.ndarray) -> np.ndarray:
+    return np.concatenate([legacy.pack_high_bits(codes), legacy.pack_nibbles(codes)], axis=1)
+
+
+def _int8(codes: np.ndarray) -> np.ndarray:
+    return (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)  # stored code c is int8 c - 128
+
+
+def _range(lo: int, hi: int) -> np.ndarray:
+    return np.arange(lo, hi + 1, dtype=F32)
+
+
+_LEGACY = {
+    "Q4_0": _BlockCodes(_range(-8, 7), False, _nibbles),
+    "Q4_1": _BlockCodes(_range(0, 15), True, _nibbles),
+    "Q5_0": _BlockCodes(_range(-16, 15), False, _five_bits),
+    "Q5_1": _BlockCodes(_range(0, 31), True, _five_bits),
+    "Q8_0": _BlockCodes(_range(-128, 127), False, _int8),
+    "IQ4_NL": _BlockCodes(iq4.KVALUES_IQ4NL.astype(F32), False, _nibbles),
+}
+
+
+def supported_types() -> list[str]:
+    return [*_LEGACY, *kquants.KQUANTS]
+
+
+@dataclass(frozen=True)
+class GroupFit:
+    """Fixed scales of one group (ggml block) of columns, for all rows."""
+
+    levels: np.ndarray  # (n_sub, rows, n_codes) float32: the exact value each code decodes to
     sub: int  # columns per sub-block (levels are constant within one)
-    payload: object  # what ``pack`` needs: KScales, or the block bytes with scales in place
+    raw: np.ndarray  # (rows, type_size) uint8: ggml's encoding of the group; pack replaces its codes
 
 
 class Target:
@@ -40,73 +87,88 @@ class Target:
 
     def __init__(self, type_name: str) -> None:
         self.name = type_name.upper()
-        self.fmt = ggml.get(self.name)
-        self.group = self.fmt.block_size
         if self.name in kquants.KQUANTS:
             kind = kquants.KQUANTS[self.name]
-            self.n_codes = kind.hi - kind.lo + 1
-            self.sub = kind.sub
+            self.unit, self.sub = _range(kind.lo, kind.hi), kind.sub
         elif self.name in _LEGACY:
-            self.n_codes, self.sub = _LEGACY[self.name][0], self.group
+            self.unit, self.sub = _LEGACY[self.name].unit, legacy.QK
         else:
             raise SolverError(
                 f"GPTQ cannot target {self.name} yet; supported: {', '.join(supported_types())}"
             )
+        self.fmt = ggml.get(self.name)
+        self.group = self.fmt.block_size
+        self.n_codes = len(self.unit)
+        self.uniform = bool(np.all(np.diff(self.unit) == 1))  # codes are integer steps apart
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None) -> GroupFit:
-        """Scales for ``w`` (rows, group) float32, as ggml's (imatrix) encoder would choose them."""
-        rows = w.shape[0]
-        imat = None if importance is None else np.broadcast_to(importance, w.shape).astype(np.float32)
-        if self.name in kquants.KQUANTS:
-            scales = kquants.choose_scales(self.name, w, imat)
-            table = np.stack(
-                [
-                    kquants.decode(self.name, np.full(w.shape, c, np.uint8), scales)
-                    for c in range(self.n_codes)
-                ]
-            )  # (n_codes, rows, group)
-            return GroupFit(table[:, :, :: self.sub].reshape(self.n_codes, rows, -1), self.sub, scales)
+        """Scales for ``w`` (rows, group) float32, as ggml's (imatrix) encoder chooses them."""
         raw = ggml.quantize(w, self.name, importance)  # (rows, type_size)
-        levels = _LEGACY[self.name][1](raw)  # (n_codes, rows)
-        return GroupFit(levels[:, :, None], self.sub, raw)
+        if self.name in kquants.KQUANTS:
+            step, offset = kquants.step_offset(self.name, kquants.unpack(self.name, raw)[1])  # (rows, n_sub)
+            levels = step.T[:, :, None] * self.unit  # (n_sub, rows, n_codes), as dequantize_row_q*_K
+            if kquants.KQUANTS[self.name].has_min:
+                levels = levels - offset.T[:, :, None]
+        else:
+            d = fp16_field(raw, 0)[:, None]  # (rows, 1)
+            levels = (self.unit * d)[None]  # (1, rows, n_codes)
+            if _LEGACY[self.name].has_min:
+                levels = levels + fp16_field(raw, 2)[None, :, None]
+        return GroupFit(np.ascontiguousarray(levels, dtype=F32), self.sub, raw)
 
     def pack(self, fit: GroupFit, codes: np.ndarray) -> np.ndarray:
         """``codes`` (rows, group) uint8 -> the rows' block bytes (rows, type_size)."""
         if self.name in kquants.KQUANTS:
-            assert isinstance(fit.payload, kquants.KScales)
-            return kquants.pack(self.name, codes, fit.payload)
-        assert isinstance(fit.payload, np.ndarray)
-        return _LEGACY[self.name][2](fit.payload, codes)
+            return kquants.pack(self.name, codes, kquants.unpack(self.name, fit.raw)[1])
+        spec = _LEGACY[self.name]
+        out = fit.raw.copy()
+        out[:, 4 if spec.has_min else 2 :] = spec.code_bytes(codes)
+        return out
 
 
-def _q4_0_levels(raw: np.ndarray) -> np.ndarray:
-    d = fp16_field(raw, 0)  # (rows,)
-    return np.stack([np.float32(c - 8) * d for c in range(16)])  # (16, rows): ggml's (q - 8) * d
+@dataclass(frozen=True)
+class _Grid:
+    """One sub-block's decodable values per row, laid out for the nearest-value search."""
 
+    padded: np.ndarray  # (n_codes + 4, rows) float32: code c's level at row c + 2, two +inf rows each side
+    origin: np.ndarray  # (rows,) float32: the level of code 0
+    to_unit: np.ndarray  # (rows,) float32: unit distance per value distance, 0 for a flat row
 
-def _q4_0_pack(raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    out = raw.copy()
-    out[:, 2:18] = legacy.pack_nibbles(codes)
-    return out
+    @classmethod
+    def of(cls, levels: np.ndarray, unit: np.ndarray) -> _Grid:
+        """``levels`` (rows, n_codes), an increasing or decreasing affine image of ``unit``."""
+        pad = np.full((2, levels.shape[0]), np.inf, dtype=F32)
+        span = levels[:, -1] - levels[:, 0]
+        with np.errstate(over="ignore"):  # a subnormal span: the search then falls back to all codes
+            to_unit = np.where(span != 0, (unit[-1] - unit[0]) / np.where(span != 0, span, 1), 0)
+        return cls(np.concatenate([pad, levels.T, pad]), levels[:, 0].copy(), to_unit.astype(F32))
 
-
-def _q8_0_levels(raw: np.ndarray) -> np.ndarray:
-    d = fp16_field(raw, 0)
-    return np.stack([np.float32(c - 128) * d for c in range(256)])  # stored code c means int8 c - 128
-
-
-def _q8_0_pack(raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    out = raw.copy()
-    out[:, 2:34] = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-    return out
-
-
-# type -> (number of codes, levels from block bytes, pack codes into block bytes)
-_LEGACY = {"Q4_0": (16, _q4_0_levels, _q4_0_pack), "Q8_0": (256, _q8_0_levels, _q8_0_pack)}
-
-
-def supported_types() -> list[str]:
-    return [*_LEGACY, *kquants.KQUANTS]
+    def nearest(self, x: np.ndarray, unit: np.ndarray, uniform: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Code (rows,) intp and value (rows,) of the level nearest to ``x`` (rows,): the first
+        code of least ``|level - x|`` in float32, exactly what an argmin over all codes gives."""
+        rows, n = x.shape[0], unit.shape[0]
+        pos = (x - self.origin) * self.to_unit + unit[0]  # (rows,) x in unit coordinates
+        with np.errstate(invalid="ignore"):  # NaN / inf positions land on an edge and are checked below
+            c0 = np.rint(pos).astype(np.intp) - int(unit[0]) if uniform else np.searchsorted(unit, pos)
+        np.clip(c0, 1, n - 2, out=c0)  # the nearest code is c0 - 1, c0 or c0 + 1
+        at = c0 * rows + np.arange(rows)  # (rows,) flat index of code c0 - 2 in ``padded``
+        near = self.padded.take(at + (np.arange(5) * rows)[:, None])  # (5, rows): codes c0 - 2 .. c0 + 2
+        dist = np.abs(near - x)  # (5, rows)
+        j = (dist[2] < dist[1]).astype(np.intp)  # first minimum of the middle three
+        best = np.minimum(dist[1], dist[2])
+        j[dist[3] < best] = 2
+        best = np.minimum(best, dist[3])
+        codes = c0 - 1 + j
+        values = near.take((j + 1) * rows + np.arange(rows))
+        # Levels are monotone in the code, so |level - x| falls to its minimum and rises after
+        # it: strictly larger distances just outside the window prove its first minimum is the
+        # first global one. Otherwise (a flat row, x far outside the grid) search every code.
+        bad = ~((dist[0] > best) & (dist[4] > best))
+        if bad.any():
+            full = np.abs(self.padded[2 : n + 2, bad] - x[bad])  # (n_codes, n_bad)
+            codes[bad] = np.argmin(full, axis=0)
+            values[bad] = self.padded[codes[bad] + 2, np.flatnonzero(bad)]
+        return codes, values
 
 
 @dataclass(frozen=True)
@@ -131,48 +193,81 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     raise SolverError(f"Hessian not positive definite even with damping {damp:g} x mean diagonal")
 
 
-def gptq(w: np.ndarray, h: np.ndarray, target: Target, damp: float = 0.01, block: int = 256) -> GPTQResult:
-    """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T."""
+class _Grids:
+    """Every sub-block's grid, by original column; fitted lazily at a group's first column, or
+    all up front (act-order's static groups)."""
+
+    def __init__(self, target: Target, importance: np.ndarray) -> None:
+        self.target, self.importance = target, importance
+        self.fits: list[GroupFit] = []
+        self.grids: list[_Grid] = []  # by original column // sub
+
+    def fit(self, g: np.ndarray, col: int) -> None:
+        """Fit the group starting at original column ``col`` on ``g`` (rows, group)."""
+        t = self.target
+        fit = t.fit(np.ascontiguousarray(g, dtype=F32), self.importance[col : col + t.group])
+        self.fits.append(fit)
+        self.grids.extend(_Grid.of(levels, t.unit) for levels in fit.levels)
+
+    def pack(self, codes: np.ndarray) -> np.ndarray:
+        """``codes`` (rows, cols) in original column order -> (rows, row_bytes) uint8."""
+        g = self.target.group
+        return np.concatenate(
+            [self.target.pack(f, codes[:, k * g : (k + 1) * g]) for k, f in enumerate(self.fits)], axis=1
+        )
+
+
+def gptq(
+    w: np.ndarray,
+    h: np.ndarray,
+    target: Target,
+    damp: float = 0.01,
+    block: int = 256,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
+
+    ``act_order``: process columns by decreasing ``diag(h)``, on block scales fitted up front.
+    The loop keeps the columns of a lazy batch as contiguous rows (``W1t``) and searches five
+    codes per column; its results are those of the plain column loop, bit for bit.
+    """
     rows, cols = w.shape
-    if cols % target.group:
-        raise SolverError(f"{target.name}: {cols} columns are not a whole number of {target.group}-blocks")
-    W = torch.from_numpy(np.array(w, dtype=np.float32))  # (rows, cols), updated in place
+    group = target.group
+    if cols % group:
+        raise SolverError(f"{target.name}: {cols} columns are not a whole number of {group}-blocks")
+    W = torch.from_numpy(np.array(w, dtype=F32))  # (rows, cols), updated in place
     H = torch.from_numpy(np.array(h, dtype=np.float64))
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    importance = torch.diag(H).to(torch.float32).numpy()
+    grids = _Grids(target, torch.diag(H).to(torch.float32).numpy())
+    order = np.arange(cols)  # processing position -> original column
+    if act_order:
+        for col in range(0, cols, group):
+            grids.fit(W[:, col : col + group].numpy(), col)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H, order = W[:, perm], H[perm][:, perm], perm.numpy()
     Hinv, damp = _inverse_cholesky(H, damp)
     Hinv = Hinv.to(torch.float32)
-    block = max(block // target.group, 1) * target.group
-    Q = torch.zeros_like(W)
-    codes = np.zeros((rows, cols), dtype=np.uint8)
-    fits: list[GroupFit] = []
+    block = max(block // group, 1) * group
+    Qt = np.zeros((cols, rows), dtype=F32)  # by original column
+    codes_t = np.zeros((cols, rows), dtype=np.uint8)
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        W1 = W[:, b0:b1].clone()  # (rows, nb)
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, b0:b1].T.contiguous()  # (nb, rows): a column is a contiguous row
+        W1t_np = W1t.numpy()
+        Err1t = np.zeros_like(W1t_np)
         Hinv1 = Hinv[b0:b1, b0:b1]
-        fit = None
+        diag = torch.diag(Hinv1).numpy()
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % target.group == 0:
-                g = W1[:, i : i + target.group].numpy()
-                fit = target.fit(np.ascontiguousarray(g), importance[col : col + target.group])
-                fits.append(fit)
-            assert fit is not None
-            levels = torch.from_numpy(fit.levels[:, :, (col % target.group) // fit.sub])  # (n_codes, rows)
-            x = W1[:, i]
-            c = torch.argmin((levels - x).abs(), dim=0)  # (rows,) nearest decodable value
-            q = levels.gather(0, c[None])[0]
-            codes[:, col] = c.numpy().astype(np.uint8)
-            Q[:, col] = q
-            err = (x - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
-    data = np.concatenate(
-        [target.pack(f, codes[:, k * target.group : (k + 1) * target.group]) for k, f in enumerate(fits)],
-        axis=1,
-    )
-    return GPTQResult(data=data, weights=Q.numpy(), damp=damp)
+            col = int(order[b0 + i])
+            if not act_order and col % group == 0:
+                grids.fit(W1t_np[i : i + group].T, col)
+            x = W1t_np[i]
+            c, q = grids.grids[col // target.sub].nearest(x, target.unit, target.uniform)
+            codes_t[col], Qt[col] = c, q
+            err = (x - q) / diag[i]
+            Err1t[i] = err
+            W1t[i + 1 :] -= Hinv1[i, i + 1 :, None] * torch.from_numpy(err)[None, :]
+        W[:, b1:] -= torch.from_numpy(Err1t).T.contiguous() @ Hinv[b0:b1, b1:]
+    return GPTQResult(data=grids.pack(codes_t.T), weights=np.ascontiguousarray(Qt.T), damp=damp)
