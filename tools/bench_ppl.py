@@ -14,6 +14,11 @@ CPU time being the steadier of the two on a shared machine. Each pair is run --r
 alternating, and the best time of each tool kept. Exits 1 if the two tools' PPL or its
 uncertainty differ (to 4 significant digits).
 
+Then the KL-divergence mode: `ggq ppl Q --base F32` (one pass over both models) against the sum
+of the two plain runs `ggq ppl F32` and `ggq ppl Q` (target <= 1.1x: the comparison itself should
+cost next to nothing), with Q the Q4_0 llama-quantize makes of each model; llama-perplexity's
+two-step --kl-divergence-base + --kl-divergence is timed beside it for reference.
+
     .venv/bin/python tools/bench_ppl.py                  # 40 chunks, all cores
     .venv/bin/python tools/bench_ppl.py --chunks 8 --repeat 1   # a quick smoke run
     .venv/bin/python tools/bench_ppl.py --wait-idle --repeat 3  # on a machine others use too
@@ -102,6 +107,47 @@ def run_ggq(gguf: Path, text: Path, n_ctx: int, chunks: int, threads: int) -> Ti
     out, _, wall, cpu = _run([*cmd, "--chunks", str(chunks), "-t", str(threads), "--json"])
     r = json.loads(out)["rows"][0]
     return Timing(r["seconds"], wall, cpu, r["ppl"], r["ppl_err"])
+
+
+def ggq_eval_seconds(cmd: list[str]) -> float:
+    """Evaluation seconds of a `ggq ppl --json` run: every row's (the base's included)."""
+    out, _, _, _ = _run(cmd)
+    return sum(r["seconds"] for r in json.loads(out)["rows"])
+
+
+def llama_kld_seconds(f32: Path, q: Path, args: argparse.Namespace, work: Path) -> float:
+    """Whole-process wall seconds of llama-perplexity's two steps (base logits file, then KLD)."""
+    tool = str(native.tool_path("llama-perplexity"))
+    common = ["-c", str(args.ctx), "--chunks", str(args.chunks), "-t", str(args.threads)]
+    kld_file = work / "base.kld"
+    _, _, w1, _ = _run(
+        [tool, "-m", str(f32), "-f", str(args.text), *common, "--kl-divergence-base", str(kld_file)]
+    )
+    _, _, w2, _ = _run(
+        [tool, "-m", str(q), "--kl-divergence-base", str(kld_file), "--kl-divergence", *common]
+    )
+    return w1 + w2
+
+
+def compare_kld(label: str, f32: Path, args: argparse.Namespace, work: Path) -> str:
+    q = work / f"{f32.stem}-Q4_0.gguf"
+    if not q.exists():
+        _run([str(native.tool_path("llama-quantize")), str(f32), str(q), "Q4_0"])
+    ppl = [sys.executable, "-m", "ggq.cli", "ppl", "-f", str(args.text), "-c", str(args.ctx)]
+    ppl += ["--chunks", str(args.chunks), "-t", str(args.threads), "--json"]
+    plain: list[float] = []
+    kld: list[float] = []
+    llama: list[float] = []
+    for _ in range(args.repeat):
+        if args.wait_idle:
+            wait_idle()
+        plain.append(ggq_eval_seconds([*ppl, str(f32)]) + ggq_eval_seconds([*ppl, str(q)]))
+        if args.wait_idle:
+            wait_idle()
+        kld.append(ggq_eval_seconds([*ppl, str(q), "--base", str(f32)]))
+        llama.append(llama_kld_seconds(f32, q, args, work))
+    p, k = min(plain), min(kld)
+    return f"{label:16s} {p:14.2f}s {k:12.2f}s {k / p:6.2f}x {min(llama):16.1f}s"
 
 
 def build_models(work: Path) -> dict[str, Path]:
@@ -204,10 +250,20 @@ def main() -> int:
             row, same = compare(label, gguf, args)
             print(row, flush=True)
             agree &= same
-    print(
-        "tok/s: tokens scored per second of decoding and scoring; ratio: ggq / llama-perplexity (target >= 0.95x)"
-    )
-    print("wall, CPU: the whole process (load, tokenization, evaluation), best of the runs")
+        print(
+            "tok/s: tokens scored per second of decoding and scoring; ratio: ggq / llama-perplexity (target >= 0.95x)"
+        )
+        print("wall, CPU: the whole process (load, tokenization, evaluation), best of the runs")
+        print()
+        print(
+            f"{'KLD mode':16s} {'plain F32 + Q4_0':>15s} {'--base pass':>13s} {'ratio':>7s} {'llama two-step':>17s}"
+        )
+        for label, gguf in models.items():
+            print(compare_kld(label, gguf, args, Path(tmp)), flush=True)
+        print(
+            "plain: evaluation seconds of `ggq ppl F32` + `ggq ppl Q4_0`; --base pass: of `ggq ppl Q4_0 --base F32`"
+            " (target <= 1.1x); llama two-step: whole-process wall of --kl-divergence-base + --kl-divergence"
+        )
     if not agree:
         print("FAILED: the two tools' PPL estimates differ", file=sys.stderr)
     return 0 if agree else 1
