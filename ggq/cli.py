@@ -100,7 +100,7 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option(
     "--calib",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Calibration text (gptq); default: the public-domain text shipped with ggq.",
+    help="Calibration text (gptq, awq); default: the public-domain text shipped with ggq.",
 )
 @click.option(
     "--nsamples", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration windows."
@@ -117,6 +117,11 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     default=0.01,
     show_default=True,
     help="GPTQ damping, a fraction of the mean Hessian diagonal.",
+)
+@click.option(
+    "--act-order",
+    is_flag=True,
+    help="GPTQ (gptq, awq+gptq): quantize columns by decreasing activation energy.",
 )
 def convert(
     model: str,
@@ -139,6 +144,7 @@ def convert(
     seqlen: int,
     seed: int,
     damp: float,
+    act_order: bool,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -158,7 +164,7 @@ def convert(
                 token_embedding_type,
                 leave_output_tensor,
                 threads,
-                conv.CalibOptions(calib, nsamples, seqlen, seed, damp),
+                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order),
             ),
             dry_run=dry_run,
             as_json=as_json,

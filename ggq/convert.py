@@ -25,6 +25,8 @@ from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, solve_layers
 
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+
 
 class ConvertError(ValueError):
     """A conversion that cannot proceed; the message names the option, file or tensor at fault."""
@@ -32,11 +34,12 @@ class ConvertError(ValueError):
 
 @dataclass(frozen=True)
 class CalibOptions:
-    calib: Path | None = None  # calibration text (gptq); None = the text shipped with ggq
+    calib: Path | None = None  # calibration text (gptq, awq); None = the text shipped with ggq
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
     damp: float = 0.01
+    act_order: bool = False  # GPTQ column order (gptq, awq+gptq)
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,10 @@ def _solver_stream(
     opts: ConvertOptions,
     report: Callable[[LayerReport], None] | None,
 ) -> Iterator[dict[str, object]]:
-    """First the calibration provenance, then per layer {GGUF name: block bytes} from GPTQ."""
+    """First the calibration provenance, then per layer {GGUF name: bytes} of every tensor the
+    solver changed (quantized linears; with AWQ also the norms and float linears it folded into)."""
     types = {t.name: t.type for t in plan}
-    check_targets(types)
+    check_targets(types, opts.method)
     text = opts.cal.calib or calib.default_text()
     windows = calib.sample_windows(
         ckpt.path / "tokenizer.json", text, opts.cal.nsamples, opts.cal.seqlen, opts.cal.seed
@@ -164,9 +168,15 @@ def _solver_stream(
         "seqlen": opts.cal.seqlen,
         "seed": opts.cal.seed,
         "damp": opts.cal.damp,
+        **({"act_order": opts.cal.act_order} if opts.method.endswith("gptq") else {}),
     }
-    for i, results in solve_layers(ckpt, windows.tokens, types, SolverOptions(damp=opts.cal.damp), report):
-        yield {f"blk.{i}.{name}.weight": r.data for name, r in results.items()}
+    sopts = SolverOptions(method=opts.method, damp=opts.cal.damp, act_order=opts.cal.act_order)
+    for i, results in solve_layers(ckpt, windows.tokens, types, sopts, report):
+        yield {f"blk.{i}.{name}.weight": data for name, data in results.items()}
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("blk.") else None
 
 
 def convert(
@@ -178,11 +188,11 @@ def convert(
     layer_report: Callable[[LayerReport], None] | None = None,
 ) -> list[PlannedTensor]:
     """Write ``out``; returns the plan that was written."""
-    if opts.method not in ("rtn", "gptq"):
-        raise ConvertError(f"--method {opts.method}: not yet available (rtn and gptq are); AWQ comes next")
+    if opts.method not in METHODS:
+        raise ConvertError(f"--method {opts.method}: unknown; known: {', '.join(METHODS)}")
     ft = recipe.file_type(opts.recipe.file_type)
     plan = make_plan(ckpt, opts)
-    solved = _solver_stream(ckpt, plan, opts, layer_report) if opts.method == "gptq" else None
+    solved = _solver_stream(ckpt, plan, opts, layer_report) if opts.method != "rtn" else None
     calib_meta: dict[str, object] = (
         next(solved) if solved is not None else {}
     )  # first: calibration provenance
@@ -201,16 +211,20 @@ def convert(
             writer.add_tensor_info(t.name, t.shape, type_id(t.type), t.nbytes)
         writer.begin_data()
         layer: dict[str, object] = {}
+        current: int | None = None
         for t in plan:
-            if solved is not None and t.name.endswith(".attn_norm.weight"):
-                layer = next(solved)  # this layer's solved tensors
+            if solved is not None and _layer_of(t.name) != current:
+                if layer:
+                    raise ConvertError(f"solved tensors not in the plan of layer {current}: {sorted(layer)}")
+                current = _layer_of(t.name)
+                layer = next(solved) if current is not None else {}  # this layer's solved tensors
             if t.name in layer:
                 data = layer.pop(t.name)
                 assert isinstance(data, np.ndarray)
                 writer.write_tensor(t.name, data)
-                continue
-            imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
-            writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
+            else:
+                imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
+                writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
             if progress:
                 progress(t)
         writer.finish()
@@ -274,9 +288,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
 USER_ERRORS = _user_errors()
 
 
-def _print_layer(console: Any, rep: LayerReport) -> None:
+def _print_layer(console: Any, method: str, rep: LayerReport) -> None:
     errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
-    console.print(f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->gptq: {errs}")
+    alphas = "  ".join(f"{k} {a:.2f}" for k, a in rep.alphas.items())
+    line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
+    console.print(line + (f"  awq alpha: {alphas}" if alphas else ""))
+
+
+def layer_json(rep: LayerReport) -> dict[str, object]:
+    return {
+        "layer": rep.layer,
+        "seconds": round(rep.seconds, 3),
+        "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
+        "awq_alpha": dict(rep.alphas),
+    }
 
 
 def run_cli(
@@ -295,6 +320,8 @@ def run_cli(
     ckpt = Checkpoint(resolve(model))
     out = output or Path(default_output_name(ckpt, opts.recipe.file_type))
     plan = make_plan(ckpt, opts)
+    if opts.method != "rtn":
+        check_targets({t.name: t.type for t in plan}, opts.method)  # before any output
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in plan]
     if dry_run:
         if as_json:
@@ -338,12 +365,26 @@ def run_cli(
         TimeRemainingColumn(),
         console=console,
         disable=as_json,
+        transient=True,  # an error then stays the one line printed
     ) as bar:
         task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan), info="")
-        convert(
-            ckpt, out, opts, imatrix, progress=advance, layer_report=lambda r: _print_layer(bar.console, r)
-        )
-    result = {"output": str(out), "bytes": out.stat().st_size, "payload_bytes": total, "tensors": rows}
+        reports: list[LayerReport] = []
+
+        def layer_done(rep: LayerReport) -> None:
+            reports.append(rep)
+            if not as_json:
+                _print_layer(bar.console, opts.method, rep)
+
+        convert(ckpt, out, opts, imatrix, progress=advance, layer_report=layer_done)
+    result: dict[str, object] = {
+        "output": str(out),
+        "bytes": out.stat().st_size,
+        "payload_bytes": total,
+        "method": opts.method,
+        "tensors": rows,
+    }
+    if reports:
+        result["layers"] = [layer_json(r) for r in reports]
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,10 +1,16 @@
 """Layer-by-layer calibration: each decoder layer is solved on the outputs of the already
 quantized layers before it, with one layer's weights and the calibration activations in memory.
 
-Within a layer the linears are solved in the order the data flows (true-sequential GPTQ):
+Within a layer the linears are solved in the order the data flows (true-sequential):
 q/k/v on the attention input, o on the attention output computed with the quantized q/k/v,
 gate/up on the MLP input, down on the MLP activations computed with the quantized gate/up.
 The layer's output with all its quantized weights is the next layer's input.
+
+Methods: ``gptq`` (GPTQ of the checkpoint's weights), ``awq`` (AWQ scales searched and folded,
+then importance-weighted RTN, i.e. llama.cpp's imatrix encoders with the scaled activations'
+mean squares) and ``awq+gptq`` (AWQ scales, then GPTQ on the scaled input). A group's scales are
+searched when its input is computed with everything before it already quantized, and before any
+of the group's linears or the tensor it folds into is quantized.
 """
 
 from __future__ import annotations
@@ -16,16 +22,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ggq import qwen3
+from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.gguf import recipe
-from ggq.solvers.gptq import GPTQResult, SolverError, Target, gptq, supported_types
+from ggq.solvers import awq
+from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
+
+METHODS = ("gptq", "awq", "awq+gptq")
 
 
 @dataclass(frozen=True)
 class SolverOptions:
+    method: str = "gptq"  # one of METHODS
     damp: float = 0.01
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
     batch: int = 8  # calibration windows per forward batch (bounds activation memory)
+    awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1}
+    search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
+
+    @property
+    def scaled(self) -> bool:
+        return self.method.startswith("awq")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method.endswith("gptq")
 
 
 @dataclass
@@ -34,12 +55,39 @@ class LayerReport:
     seconds: float = 0.0
     # linear -> (relative output error of RTN with the same block type, of the solver)
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # AWQ: scaled group (named by the tensor folded into) -> the alpha chosen
+    alphas: dict[str, float] = field(default_factory=dict)
 
 
 def hessian(x: torch.Tensor) -> np.ndarray:
     """sum over tokens of x x^T, in float64: (n_in, n_in)."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
     return (flat.T @ flat).numpy()
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """What the solvers need of one input X (tokens, n_in)."""
+
+    mean_abs: np.ndarray  # (n_in,) AWQ's salience
+    mean_sq: np.ndarray  # (n_in,) importance, as llama.cpp's imatrix stores it
+    h_sample: torch.Tensor  # (n_in, n_in) float32 sum of x x^T over evenly strided tokens
+    h_full: np.ndarray | None  # (n_in, n_in) float64 over all tokens, for GPTQ
+
+    @classmethod
+    def of(cls, x: torch.Tensor, search_tokens: int, full: bool) -> InputStats:
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, n_in)
+        sample = flat[:: max(1, flat.shape[0] // search_tokens)]
+        return cls(
+            mean_abs=flat.abs().mean(0).numpy().astype(np.float64),
+            mean_sq=flat.pow(2).mean(0).numpy(),
+            h_sample=sample.T @ sample,
+            h_full=hessian(x) if full else None,
+        )
+
+    @property
+    def h(self) -> np.ndarray:
+        return self.h_full if self.h_full is not None else self.h_sample.to(torch.float64).numpy()
 
 
 def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -50,44 +98,82 @@ def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def _rtn_weights(w: np.ndarray, type_name: str) -> np.ndarray:
-    from ggq import ggml
-
-    return ggml.dequantize(ggml.quantize(w, type_name), type_name, w.shape[1])
-
-
-def check_targets(types: dict[str, str]) -> None:
-    """Every layer linear must be a type the solver can target (before any work starts)."""
-    ok = set(supported_types())
+def check_targets(types: dict[str, str], method: str = "gptq") -> None:
+    """Every layer linear must be a type the method can target (before any work starts)."""
+    if method not in METHODS:
+        raise SolverError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+    ok = set(supported_types()) if method.endswith("gptq") else set(ggml.FORMATS)
+    solver = "GPTQ" if method.endswith("gptq") else "AWQ"
     for name, t in types.items():
         if name.startswith("blk.") and t not in recipe.FLOAT_TYPES and t not in ok:
-            raise SolverError(f"{name}: GPTQ cannot target {t}; supported: {', '.join(sorted(ok))}")
+            raise SolverError(f"{name}: {solver} cannot target {t}; supported: {', '.join(sorted(ok))}")
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(h[i : i + batch]) for i in range(0, h.shape[0], batch)])
 
 
-def _solve_linears(
-    names: tuple[str, ...],
-    x: torch.Tensor,
-    w: dict[str, torch.Tensor],
-    types: dict[str, str],
-    opts: SolverOptions,
-    rep: LayerReport,
-    results: dict[str, GPTQResult],
-) -> None:
-    """GPTQ for linears sharing the input ``x``; their weights in ``w`` become the solved ones."""
-    hess = hessian(x)
-    for name in names:
-        t = types[f"blk.{rep.layer}.{name}.weight"]
-        if t in recipe.FLOAT_TYPES:
-            continue
-        wn = w[name].numpy()
-        res = gptq(wn, hess, Target(t), damp=opts.damp)
-        rep.errors[name] = (_rel_error(wn, _rtn_weights(wn, t), hess), _rel_error(wn, res.weights, hess))
-        results[name] = res
-        w[name] = torch.from_numpy(res.weights)
+@dataclass
+class _Layer:
+    """One layer being solved: its weights (replaced by the folded / quantized ones as it goes),
+    their types, and the bytes to write."""
+
+    w: dict[str, torch.Tensor]
+    types: dict[str, str]  # short name -> ggml type
+    hp: HParams
+    opts: SolverOptions
+    rep: LayerReport
+    out: dict[str, np.ndarray] = field(default_factory=dict)  # short name -> tensor bytes
+    col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> AWQ factor of its columns
+
+    def stats(self, x: torch.Tensor) -> InputStats:
+        return InputStats.of(x, self.opts.search_tokens, full=self.opts.uses_gptq)
+
+    def scale(self, prev: str, x: Callable[[], torch.Tensor]) -> bool:
+        """AWQ: search the scales of the group fed by ``prev`` on its linears' input ``x()`` and
+        fold them in; False (nothing done) for gptq or a group without quantized linears."""
+        group = next(g for g in awq.QWEN3_GROUPS if g.prev == prev)
+        quantized = [n for n in group.linears if self.types[n] not in recipe.FLOAT_TYPES]
+        if not self.opts.scaled or not quantized:
+            return False
+        xs = x()
+        stats = InputStats.of(xs, self.opts.search_tokens, full=False)
+        hp = self.hp
+        channel = awq.channel_map(group, xs.shape[-1], hp.n_head, hp.n_head_kv, hp.head_dim)
+        weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
+        found = awq.search_scales(
+            weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
+        )
+        self.rep.alphas[prev] = found.alpha
+        awq.fold(self.w, group, torch.from_numpy(found.scales), channel)
+        for n in group.linears:
+            self.col_scale[n] = found.scales[channel]
+        return True
+
+    def quantize(self, names: tuple[str, ...], stats: InputStats) -> None:
+        """Encode linears reading the input of ``stats``; their weights become the decoded ones."""
+        for name in names:
+            t, wn = self.types[name], self.w[name].numpy()
+            if t in recipe.FLOAT_TYPES:
+                data = ggml.quantize(wn, t)
+                q = ggml.dequantize(data, t, wn.shape[1])
+            elif self.opts.uses_gptq:
+                assert stats.h_full is not None
+                res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
+                data, q = res.data, res.weights
+            else:
+                data = ggml.quantize(wn, t, stats.mean_sq, n_threads=0)
+                q = ggml.dequantize(data, t, wn.shape[1])
+            if t not in recipe.FLOAT_TYPES:
+                s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
+                rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
+                self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
+            self.out[name] = data
+            self.w[name] = torch.from_numpy(q)
+
+    def finish_norms(self) -> None:
+        for name in ("attn_norm", "ffn_norm"):
+            self.out[name] = ggml.quantize(self.w[name].numpy()[None, :], self.types[name])
 
 
 def solve_layer(
@@ -98,24 +184,42 @@ def solve_layer(
     types: dict[str, str],
     opts: SolverOptions,
     rep: LayerReport,
-) -> tuple[torch.Tensor, dict[str, GPTQResult]]:
-    """One layer, true-sequential: returns the quantized layer's output and the solved linears."""
-    results: dict[str, GPTQResult] = {}
-    x_attn = _batched(lambda b: qwen3.attention_input(b, w, hp), h, opts.batch)
-    _solve_linears(("attn_q", "attn_k", "attn_v"), x_attn, w, types, opts, rep, results)
-    o_in = _batched(
-        lambda b: qwen3.attention_core(qwen3.attention_input(b, w, hp), w, hp, rope), h, opts.batch
-    )
-    _solve_linears(("attn_output",), o_in, w, types, opts, rep, results)
-    h_mid = h + o_in @ w["attn_output"].T
-    x_mlp = qwen3.mlp_input(h_mid, w, hp)
-    _solve_linears(("ffn_gate", "ffn_up"), x_mlp, w, types, opts, rep, results)
-    d_in = qwen3.mlp_core(x_mlp, w)
-    _solve_linears(("ffn_down",), d_in, w, types, opts, rep, results)
-    out = h_mid + d_in @ w["ffn_down"].T  # the quantized layer's output feeds the next layer
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """One layer, true-sequential: returns the quantized layer's output and {short name: bytes}
+    of every tensor it changed."""
+    L = _Layer(w, {n: types[f"blk.{rep.layer}.{n}.weight"] for n in w}, hp, opts, rep)
+
+    def attn_in(b: torch.Tensor) -> torch.Tensor:
+        return qwen3.attention_input(b, w, hp)
+
+    def o_in(b: torch.Tensor) -> torch.Tensor:
+        return qwen3.attention_core(qwen3.attention_input(b, w, hp), w, hp, rope)
+
+    x = _batched(attn_in, h, opts.batch)
+    if L.scale("attn_norm", lambda: x):
+        x = _batched(attn_in, h, opts.batch)  # with the folded norm, as llama.cpp will compute it
+    st = L.stats(x)
+    L.quantize(("attn_q", "attn_k"), st)
+    L.scale("attn_v", lambda: _batched(o_in, h, opts.batch))  # v is unquantized until folded into
+    L.quantize(("attn_v",), st)
+    x = _batched(o_in, h, opts.batch)
+    L.quantize(("attn_output",), L.stats(x))
+    h = h + x @ w["attn_output"].T
+    x = qwen3.mlp_input(h, w, hp)
+    if L.scale("ffn_norm", lambda: x):
+        x = qwen3.mlp_input(h, w, hp)
+    st = L.stats(x)
+    L.quantize(("ffn_gate",), st)
+    L.scale("ffn_up", lambda: qwen3.mlp_core(x, w))
+    L.quantize(("ffn_up",), st)
+    x = qwen3.mlp_core(x, w)
+    L.quantize(("ffn_down",), L.stats(x))
+    out = h + x @ L.w["ffn_down"].T  # the quantized layer's output feeds the next layer
     if not torch.isfinite(out).all():
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
-    return out, results
+    if opts.scaled:
+        L.finish_norms()
+    return out, L.out
 
 
 def solve_layers(
@@ -124,8 +228,9 @@ def solve_layers(
     types: dict[str, str],
     opts: SolverOptions,
     report: Callable[[LayerReport], None] | None = None,
-) -> Iterator[tuple[int, dict[str, GPTQResult]]]:
-    """Yield (layer, {linear short name: result}) layer after layer; ``tokens`` (nsamples, seqlen)."""
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield (layer, {short name: tensor bytes}) layer after layer; ``tokens`` (nsamples, seqlen)."""
+    check_targets(types, opts.method)
     hp = ckpt.hparams
     rope = qwen3.Rope.build(hp, tokens.shape[1])
     with torch.no_grad():

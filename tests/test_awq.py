@@ -1,0 +1,184 @@
+"""AWQ: scales folded exactly into Qwen3 (checked against transformers on the original checkpoint),
+and `ggq convert --method awq` files judged by llama.cpp's own KL-divergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ggq import qwen3
+from ggq.checkpoint import Checkpoint
+from ggq.cli import main
+from ggq.convert import CalibOptions, ConvertError, ConvertOptions, convert
+from ggq.eval import llama_tools
+from ggq.gguf import read_gguf
+from ggq.gguf import recipe as rc
+from ggq.solvers import awq
+from ggq.solvers.gptq import supported_types
+
+
+def _transformers_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _folded_logits(ckpt: Checkpoint, tokens: torch.Tensor, seed: int) -> torch.Tensor:
+    """ggq's forward with arbitrary positive scales (0.1x .. 10x) folded into every group of every layer."""
+    hp = ckpt.hparams
+    gen = torch.Generator().manual_seed(seed)
+    rope = qwen3.Rope.build(hp, tokens.shape[1])
+    with torch.no_grad():
+        h = qwen3.embed(ckpt, tokens)
+        for i in range(hp.n_layer):
+            w = qwen3.load_layer(ckpt, i)
+            for group in awq.QWEN3_GROUPS:
+                n_in = w[group.linears[0]].shape[1]
+                channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
+                n_ch = w[group.prev].shape[0]
+                scales = torch.exp((torch.rand(n_ch, generator=gen) * 2 - 1) * np.log(10.0))
+                assert int(channel.max()) + 1 == n_ch
+                awq.fold(w, group, scales, channel)
+            h = qwen3.layer_forward(h, w, hp, rope)
+        return qwen3.logits(ckpt, h)
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied", "odd-head-dim"])
+def test_folding_any_scales_keeps_the_model(checkpoint, variant: str) -> None:
+    """Every fold is exact (GQA v -> o included): the folded model's logits equal transformers'
+    on the original checkpoint."""
+    ckpt_dir = checkpoint(variant)
+    ckpt = Checkpoint(ckpt_dir)
+    assert ckpt.hparams.n_head != ckpt.hparams.n_head_kv
+    tokens = torch.randint(0, ckpt.hparams.n_vocab, (2, 29), generator=torch.Generator().manual_seed(3))
+    ref = _transformers_logits(ckpt_dir, tokens)
+    ours = _folded_logits(ckpt, tokens, seed=7)
+    assert (ours - ref).abs().max().item() < 1e-4 * float(ref.max() - ref.min())
+
+
+def test_gqa_channel_map_shares_a_v_channel_across_its_query_heads() -> None:
+    group = next(g for g in awq.QWEN3_GROUPS if g.prev == "attn_v")
+    m = awq.channel_map(group, 8 * 4, n_head=8, n_head_kv=2, head_dim=4)
+    assert m.reshape(8, 4).tolist() == [[0, 1, 2, 3]] * 4 + [[4, 5, 6, 7]] * 4
+
+
+def test_search_is_never_worse_than_unscaled() -> None:
+    """alpha = 0 is importance-weighted RTN; the search keeps it unless a scaling is better."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 256)).astype(np.float32) * (1 + 4 * rng.random(256)).astype(np.float32)
+    x[:, :4] *= 15  # salient channels
+    w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    h = torch.from_numpy(x.T @ x)
+    found = awq.search_scales(
+        [(w, "Q4_0"), (w[:32], "Q4_K")],
+        h,
+        np.abs(x).mean(0).astype(np.float64),
+        (x**2).mean(0),
+        np.arange(256),
+    )
+    assert found.loss <= found.loss_plain
+    assert found.alpha > 0 and found.loss < 0.97 * found.loss_plain
+    assert found.scales.shape == (256,) and found.scales.dtype == np.float32
+
+
+SMALL = {"nsamples": 8, "seqlen": 128}
+
+
+def awq_gguf(ckpt_dir: Path, out: Path, file_type: str, method: str = "awq", **kw: object) -> Path:
+    cal = CalibOptions(**{**SMALL, **kw})  # type: ignore[arg-type]
+    convert(Checkpoint(ckpt_dir), out, ConvertOptions(rc.RecipeOptions(file_type), method=method, cal=cal))
+    return out
+
+
+@pytest.fixture(scope="module")
+def micro_files(qwen3_micro: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("awq")
+    files = {"F32": d / "f32.gguf", "rtn": d / "rtn.gguf", "awq": d / "awq.gguf"}
+    convert(Checkpoint(qwen3_micro), files["F32"], ConvertOptions(rc.RecipeOptions("F32")))
+    convert(Checkpoint(qwen3_micro), files["rtn"], ConvertOptions(rc.RecipeOptions("Q4_0")))
+    awq_gguf(qwen3_micro, files["awq"], "Q4_0", nsamples=16, seqlen=256)
+    return files
+
+
+def test_awq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -> None:
+    rtn, ours = read_gguf(micro_files["rtn"]), read_gguf(micro_files["awq"])
+    assert {n: (t.type_id, t.nbytes) for n, t in ours.tensors.items()} == {
+        n: (t.type_id, t.nbytes) for n, t in rtn.tensors.items()
+    }
+    meta = ours.metadata
+    assert meta["ggq.method"] == "awq"
+    assert meta["ggq.calibration.file"] == "gutenberg-train-sample.txt"
+    assert (meta["ggq.calibration.nsamples"], meta["ggq.calibration.seqlen"]) == (16, 256)
+    assert len(meta["ggq.calibration.sha256"]) == 64
+    changed = {n for n in rtn.tensors if not np.array_equal(rtn.tensor_data(n), ours.tensor_data(n))}
+    assert "blk.3.attn_norm.weight" in changed and "blk.3.ffn_norm.weight" in changed  # scales folded in
+    assert "token_embd.weight" not in changed and "blk.3.attn_q_norm.weight" not in changed
+
+
+def test_awq_is_closer_to_f32_than_rtn(
+    micro_files: dict[str, Path], shared_data: Path, tmp_path: Path
+) -> None:
+    """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text (ggq's RTN
+    file is byte-identical to llama-quantize's Q4_0)."""
+    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    base = llama_tools.kld_base(micro_files["F32"], text, tmp_path / "base.kld", chunks=12)
+    rtn, ours = (llama_tools.kld(micro_files[k], base, chunks=12) for k in ("rtn", "awq"))
+    assert ours["kld"] < 0.95 * rtn["kld"], (ours, rtn)
+    assert ours["top1"] >= rtn["top1"] - 0.5
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_is_deterministic(checkpoint, tmp_path: Path, method: str) -> None:
+    ckpt_dir = checkpoint("untied")
+    a = awq_gguf(ckpt_dir, tmp_path / "a.gguf", "Q4_0", method, nsamples=4, seqlen=64)
+    b = awq_gguf(ckpt_dir, tmp_path / "b.gguf", "Q4_0", method, nsamples=4, seqlen=64)
+    assert a.read_bytes() == b.read_bytes()
+    assert read_gguf(a).metadata["ggq.method"] == method
+
+
+def test_float_linears_are_folded_and_stay_float(checkpoint, tmp_path: Path) -> None:
+    """attn_q in F16 still carries the attn_norm scales (its folded weights written as F16)."""
+    ckpt_dir = checkpoint("tied")
+    opts = rc.RecipeOptions("Q8_0", tensor_types=(("attn_q", "F16"),))
+    out = tmp_path / "mixed.gguf"
+    convert(
+        Checkpoint(ckpt_dir), out, ConvertOptions(opts, method="awq", cal=CalibOptions(nsamples=4, seqlen=64))
+    )
+    g = read_gguf(out)
+    q = g.tensor_data("blk.0.attn_q.weight").view(np.float16).astype(np.float32).reshape(64, 64)
+    norm = g.tensor_data("blk.0.attn_norm.weight").view(np.float32)
+    ckpt = Checkpoint(ckpt_dir)
+    ref = ckpt.load("blk.0.attn_q.weight") * ckpt.load("blk.0.attn_norm.weight")[None, :]
+    np.testing.assert_allclose(q * norm[None, :], ref, rtol=2e-3, atol=1e-5)
+
+
+def test_awq_gptq_untargetable_type_is_one_line(qwen3_micro: Path, tmp_path: Path) -> None:
+    """Checked before any calibration work (qwen3-micro's 256-wide rows take 256-blocks as is)."""
+    unsupported = sorted(set(rc.BLOCK_SIZE) - set(rc.FLOAT_TYPES) - set(supported_types()))
+    if not unsupported:
+        pytest.skip("GPTQ targets every block type")
+    out = tmp_path / "x.gguf"
+    args = ["convert", str(qwen3_micro), "-o", str(out), "--method", "awq+gptq", "--pure"]
+    result = CliRunner().invoke(main, [*args, "--type", unsupported[0]])
+    assert result.exit_code == 2 and f"GPTQ cannot target {unsupported[0]}" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_awq_bad_input_is_one_line(checkpoint, tmp_path: Path) -> None:
+    out = tmp_path / "x.gguf"
+    short = tmp_path / "short.txt"
+    short.write_text("a few words " * 30)
+    result = CliRunner().invoke(
+        main, ["convert", str(checkpoint("tied")), "-o", str(out), "--method", "awq", "--calib", str(short)]
+    )
+    assert result.exit_code == 2 and "use --nsamples" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(ConvertError, match="--method awq-ish"):
+        convert(Checkpoint(checkpoint("tied")), out, ConvertOptions(method="awq-ish"))
