@@ -12,7 +12,7 @@ import torch
 
 from ggq import calib, ggml, qwen3
 from ggq.checkpoint import Checkpoint
-from ggq.solvers.gptq import GPTQResult, SolverError, Target, _Grid, _inverse_cholesky, gptq, supported_types
+from ggq.solvers.gptq import GPTQResult, SolverError, Target, _Grid, gptq, supported_types
 from tests import ggml_ref
 
 
@@ -94,7 +94,9 @@ def _reference_gptq(w: np.ndarray, h: np.ndarray, target: Target, block: int) ->
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     importance = torch.diag(H).to(torch.float32).numpy()
-    Hinv, damp = _inverse_cholesky(H, 0.01)
+    damp = 0.01
+    H += damp * float(torch.diag(H).mean()) * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Hinv = Hinv.to(torch.float32)
     Q, codes, fits = torch.zeros_like(W), np.zeros((rows, cols), np.uint8), []
     block = max(block // target.group, 1) * target.group

@@ -181,9 +181,10 @@ class GPTQResult:
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H^-1, damping raised (x10) until H is positive definite."""
     mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        damped = h.clone()  # h + damp * mean_diag * I without building n x n identities
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
@@ -268,6 +269,6 @@ def gptq(
             codes_t[col], Qt[col] = c, q
             err = (x - q) / diag[i]
             Err1t[i] = err
-            W1t[i + 1 :] -= Hinv1[i, i + 1 :, None] * torch.from_numpy(err)[None, :]
+            W1t[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * torch.from_numpy(err))  # not -=: no copy back
         W[:, b1:] -= torch.from_numpy(Err1t).T.contiguous() @ Hinv[b0:b1, b1:]
     return GPTQResult(data=grids.pack(codes_t.T), weights=np.ascontiguousarray(Qt.T), damp=damp)
