@@ -259,5 +259,61 @@ def ppl(
         raise UserError(str(exc)) from exc
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-p", "--prompt", help="One-shot: answer this prompt on stdout (thinking on stderr) and exit.")
+@click.option("--system", help="System message.")
+@click.option(
+    "--think/--no-think",
+    default=True,
+    show_default=True,
+    help="Qwen3 thinking mode (also /think and /no_think in a message).",
+)
+@click.option(
+    "--temp", "temperature", type=float, help="Sampling temperature (Qwen3: 0.6 thinking, 0.7 not)."
+)
+@click.option("--top-p", type=float, help="Nucleus sampling (Qwen3: 0.95 thinking, 0.8 not).")
+@click.option("--top-k", type=int, help="Top-k sampling (Qwen3: 20).")
+@click.option("--min-p", type=float, help="Min-p sampling (Qwen3: 0).")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=64), default=4096, show_default=True)
+@click.option(
+    "-ngl", "--gpu-layers", "n_gpu_layers", type=int, default=-1, show_default=True, help="Layers on the GPU."
+)
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = llama.cpp's default)."
+)
+@click.option("--seed", type=int, default=-1, show_default=True, help="Sampling seed (-1: random).")
+@click.option("--ignore-eos", is_flag=True, help="Never end a reply early (as llama-cli's --ignore-eos).")
+def chat(
+    model: Path,
+    prompt: str | None,
+    system: str | None,
+    think: bool,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+    max_tokens: int,
+    n_ctx: int,
+    n_gpu_layers: int,
+    threads: int,
+    seed: int,
+    ignore_eos: bool,
+) -> None:
+    """Chat with a GGUF model (llama.cpp through llama-cpp-python, the model's own chat template)."""
+    from ggq import chat as chat_mod
+
+    sampling = chat_mod.Sampling(temperature, top_p, top_k, min_p, max_tokens, seed, ignore_eos)
+    try:
+        session = chat_mod.ChatSession(model, n_ctx, n_gpu_layers, threads, system, think, sampling)
+        if prompt is not None:
+            chat_mod.one_shot(session, prompt)
+        else:
+            chat_mod.repl(session)
+    except chat_mod.ChatError as exc:
+        raise UserError(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,157 @@
+"""`ggq chat`: driven as a person drives it (a real pseudo-terminal), and one-shot as scripts use it."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ggq import chat
+from ggq.cli import main
+from tests.test_convert import to_gguf
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tied fixture: Qwen3's tokenizer and a ChatML template with the thinking switch."""
+    return to_gguf(checkpoint("tied"), tmp_path_factory.mktemp("chat") / "tied-Q8_0.gguf", "Q8_0")
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, read and written like a user at a keyboard."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, text: bytes, timeout: float = 120) -> bytes:
+        """Everything up to and including ``text``; fails with what was seen on timeout."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {text!r}; saw {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:  # the child closed the terminal
+                    assert text in self.seen, f"exited before {text!r}; saw {self.seen[-2000:]!r}"
+        at = self.seen.index(text) + len(text)
+        out, self.seen = self.seen[:at], self.seen[at:]
+        return out
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            os.close(self.master)
+
+
+def chat_terminal(model: Path, *args: str) -> Terminal:
+    return Terminal([sys.executable, "-m", "ggq.cli", "chat", str(model), "--seed", "0", "-c", "512", *args])
+
+
+def test_prompt_streams_a_reply_and_ctrl_d_exits(model: Path) -> None:
+    term = chat_terminal(model, "-n", "12", "--no-think")
+    banner = term.expect(b"> ")
+    assert b"tied-Q8_0.gguf" in banner and b"thinking off" in banner
+    term.send(b"Tell me a story\r")
+    reply = term.expect(b"> ")  # the reply, then the next prompt
+    text = reply.decode(errors="replace").split("Tell me a story", 1)[-1].strip(" \r\n>")
+    assert len(text) > 0 and "<|im_end|>" not in text, reply
+    term.send(b"\x04")  # Ctrl-D
+    assert term.close() == 0
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(model: Path) -> None:
+    term = chat_terminal(
+        model, "-n", "100000", "--no-think", "--ignore-eos", "-c", "4096"
+    )  # runs ~4,000 tokens
+    term.expect(b"> ")
+    term.send(b"Go on and on\r")
+    time.sleep(2)  # let it stream a while
+    os.killpg(term.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+    term.expect(b"[stopped]")
+    term.expect(b"> ")
+    term.send(b"/exit\r")
+    assert term.close() == 0
+
+
+def test_slash_commands_switch_thinking_and_clear(model: Path) -> None:
+    term = chat_terminal(model, "-n", "4")
+    assert b"thinking on" in term.expect(b"> ")
+    term.send(b"/no_think\r")
+    assert b"(thinking off)" in term.expect(b"> ")
+    term.send(b"/clear\r")
+    assert b"(conversation cleared)" in term.expect(b"> ")
+    term.send(b"\x04")
+    assert term.close() == 0
+
+
+def test_one_shot_is_deterministic_with_a_seed(model: Path) -> None:
+    args = ["chat", str(model), "-p", "Hello", "-n", "16", "--seed", "7", "--no-think", "-c", "512"]
+    first, second = CliRunner().invoke(main, args), CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_template_and_soft_switches(model: Path) -> None:
+    session = chat.ChatSession(
+        model, n_ctx=512, system="Be brief.", think=True, sampling=chat.Sampling(seed=0)
+    )
+    session.messages.append({"role": "user", "content": "Hi"})
+    with_thinking = session.prompt()
+    assert with_thinking.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert with_thinking.endswith("<|im_start|>assistant\n")
+    session.think = False
+    assert session.prompt().endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    session.reset()
+    session.think = True
+    reply = "".join(session.stream("Answer quickly /no_think"))
+    assert session.think is False and session.messages[-1] == {"role": "assistant", "content": reply}
+    assert chat.soft_switch("a /no_think b /think") is True and chat.soft_switch("plain") is None
+    assert (
+        chat.Sampling().resolve(False)["top_p"] == 0.8
+        and chat.Sampling(top_p=0.5).resolve(True)["top_p"] == 0.5
+    )
+
+
+def test_think_block_goes_to_its_own_stream_even_when_tags_are_split() -> None:
+    out, thoughts = io.StringIO(), io.StringIO()
+    printer = chat.ThinkPrinter(out, thoughts)
+    for piece in ["<thi", "nk>\nlet me ", "see</th", "ink>\n\nThe answer", " is 4."]:
+        printer.write(piece)
+    printer.close()
+    assert out.getvalue() == "The answer is 4." and thoughts.getvalue() == "\nlet me see"
+
+
+def test_bad_model_and_gpu_are_one_line(model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = CliRunner().invoke(main, ["chat", str(bad), "-p", "x"])
+    assert result.exit_code == 2 and "bad.gguf: cannot read as GGUF" in result.output
+    from ggq import native
+
+    if not any(d["type"] in ("gpu", "igpu") for d in native.load().devices()):
+        result = CliRunner().invoke(main, ["chat", str(model), "-p", "x", "--gpu-layers", "5"])
+        assert result.exit_code == 2 and "--gpu-layers 5: no GPU available" in result.output
