@@ -117,7 +117,7 @@ def test_one_shot_is_deterministic_with_a_seed(model: Path) -> None:
 
 def test_template_and_soft_switches(model: Path) -> None:
     session = chat.ChatSession(
-        model, n_ctx=512, system="Be brief.", think=True, sampling=chat.Sampling(seed=0)
+        model, n_ctx=512, system="Be brief.", think=True, sampling=chat.Sampling(max_tokens=8, seed=0)
     )
     session.messages.append({"role": "user", "content": "Hi"})
     with_thinking = session.prompt()
