@@ -315,5 +315,39 @@ def chat(
         raise UserError(str(exc)) from exc
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True, help="Prompt tokens (pp)."
+)
+@click.option(
+    "-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True, help="Generated tokens (tg)."
+)
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
+@click.option(
+    "-ngl", "--gpu-layers", "n_gpu_layers", type=int, default=-1, show_default=True, help="Layers on the GPU."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(
+    models: tuple[Path, ...],
+    n_prompt: int,
+    n_gen: int,
+    repetitions: int,
+    threads: int,
+    n_gpu_layers: int,
+    as_json: bool,
+) -> None:
+    """Prompt and generation speed (llama-bench) and peak memory of GGUF files, side by side."""
+    from ggq import bench as bench_mod
+
+    if n_prompt == 0 and n_gen == 0:
+        raise UserError("-p 0 and -n 0: nothing to measure")
+    try:
+        bench_mod.run_cli(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers, as_json)
+    except bench_mod.BenchError as exc:
+        raise UserError(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

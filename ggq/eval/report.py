@@ -86,10 +86,11 @@ class Row:
         return d
 
 
-def _label(row: Row) -> str:
-    if row.info.method and row.info.type not in rc.FLOAT_TYPES:
-        return f"{row.info.type} ggq {row.info.method}"
-    return f"{row.info.type} llama.cpp" if row.info.type not in rc.FLOAT_TYPES else row.info.type
+def type_label(info: FileInfo) -> str:
+    """ "Q4_K_M ggq awq", "Q4_0 llama.cpp" (a quant ggq did not make), "F32"."""
+    if info.type in rc.FLOAT_TYPES:
+        return info.type
+    return f"{info.type} ggq {info.method}" if info.method else f"{info.type} llama.cpp"
 
 
 def _progress(as_json: bool) -> Any:
@@ -172,7 +173,7 @@ def _render(rows: list[Row], source: str, has_base: bool) -> None:
     for row in sorted(rows, key=lambda r: r.info.size_mib):
         cells = [
             row.file if row.role == "model" else f"{row.file} ({row.role})",
-            _label(row),
+            type_label(row.info),
             f"{row.info.size_mib:,.1f}",
             f"{row.info.bpw:.2f}",
             f"{row.ppl.ppl:.4f} ± {row.ppl.ppl_err:.5f}",
@@ -208,7 +209,7 @@ def write_plot(rows: list[Row], out: Path, source: str) -> None:
         marker = {"base": "*", "llama.cpp Q4_0": "s"}.get(row.role, "o")
         ax.scatter([row.info.bpw], [y], marker=marker, s=50)
         ax.annotate(
-            f"{row.file}\n{_label(row)}",
+            f"{row.file}\n{type_label(row.info)}",
             (row.info.bpw, y),
             fontsize=7,
             xytext=(4, 4),
