@@ -349,5 +349,93 @@ def bench(
         raise UserError(str(exc)) from exc
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--methods", default="rtn,gptq,awq", show_default=True, help="Comma-separated: rtn, gptq, awq, awq+gptq."
+)
+@click.option(
+    "--bits", default="2,3,4,5,8", show_default=True, help="Comma-separated bits; 2 Q2_K ... 8 Q8_0."
+)
+@click.option(
+    "-f",
+    "--file",
+    "texts",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Evaluation text (repeatable; default: WikiText-2 test).",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default study-MODEL).",
+)
+@click.option(
+    "--base-type", default="F32", show_default=True, help="Full-precision reference: F32, F16 or BF16."
+)
+@click.option(
+    "--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Calibration text."
+)
+@click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=4), default=512, show_default=True)
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate at most N chunks of each text.")
+@click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
+@click.option("--no-reference", is_flag=True, help="Skip llama.cpp's own RTN and imatrix rows.")
+@click.option(
+    "--tasks",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of zero-shot task files (hellaswag*.txt, winogrande*.csv, *.bin multiple choice).",
+)
+def study(
+    model: Path,
+    methods: str,
+    bits: str,
+    texts: tuple[Path, ...],
+    out: Path | None,
+    base_type: str,
+    calib: Path | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    n_ctx: int,
+    chunks: int | None,
+    threads: int,
+    no_reference: bool,
+    tasks: Path | None,
+) -> None:
+    """The Qwen3 quantization study (arXiv 2505.02214) on GGUF: every method x bits, table, plots, JSON."""
+    from rich.console import Console
+
+    from ggq import study as study_mod
+
+    console = Console(stderr=True)
+    cfg = study_mod.StudyConfig(
+        model=model,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        bits=tuple(b.strip() for b in bits.split(",") if b.strip()),
+        texts=texts,
+        out=out or Path(f"study-{model.name}"),
+        base_type=base_type.upper(),
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        n_ctx=n_ctx,
+        chunks=chunks,
+        threads=threads,
+        references=not no_reference,
+        tasks=tasks,
+    )
+    try:
+        doc = study_mod.Study(cfg, log=lambda m: console.print(m, soft_wrap=True)).run()
+    except study_mod.USER_ERRORS as exc:
+        raise UserError(str(exc)) from exc
+    click.echo(study_mod.render_markdown(doc), nl=False)
+    console.print(f"wrote {cfg.out / 'study.md'}, study.json, ppl.png, kld.png")
+
+
 if __name__ == "__main__":
     main()

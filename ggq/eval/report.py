@@ -128,7 +128,7 @@ def _plain_rows(
     return rows
 
 
-def _rows_against_base(
+def rows_against_base(
     base: Path,
     models: Sequence[tuple[Path, str]],
     text: bytes,
@@ -263,7 +263,7 @@ def run_cli(
         entries = [(p, "model") for p in models]
         if vs_q4_0:
             entries.append((q4_0_baseline(base, config.n_threads), "llama.cpp Q4_0"))
-        rows = _rows_against_base(base, entries, text, source, config, as_json)
+        rows = rows_against_base(base, entries, text, source, config, as_json)
     if plot is not None:
         write_plot(rows, plot, source)
     if as_json:

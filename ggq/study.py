@@ -1,0 +1,419 @@
+"""`ggq study`: the protocol of the empirical Qwen3 quantization study (arXiv 2505.02214) on GGUF.
+
+Every (method, bits) pair is converted with ``ggq convert`` and every file is evaluated against
+the full-precision GGUF with ``ggq ppl --base`` on each text; llama.cpp's own RTN and imatrix
+quants of the same types (``llama-quantize``, ``llama-imatrix`` on the calibration text) are the
+reference rows. Everything is cached in the output folder by the hash of its inputs, so a re-run
+after an interruption (or with one more method) only does what is missing:
+
+    OUT/gguf/     the GGUF files, named {model}-{type}-{method}-{key}.gguf
+    OUT/results/  one JSON per (file, text, context, chunks)
+    OUT/study.md  the table, OUT/study.json every number, OUT/ppl.png and OUT/kld.png the plots
+
+Zero-shot tasks run through llama.cpp's own multiple-choice scoring (``llama-perplexity
+--hellaswag / --winogrande``) when task files are given with ``--tasks DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ggq import __version__, native
+from ggq.gguf import recipe as rc
+
+BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+REFERENCES = ("llama.cpp RTN", "llama.cpp imatrix")
+
+
+class StudyError(ValueError):
+    """An option or input the study cannot use; names it."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: Path
+    methods: tuple[str, ...] = ("rtn", "gptq", "awq")
+    bits: tuple[str, ...] = ("2", "3", "4", "5", "8")
+    texts: tuple[Path, ...] = ()  # empty: WikiText-2 test (shipped)
+    out: Path = Path("study")
+    base_type: str = "F32"
+    calib: Path | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    n_ctx: int = 512
+    chunks: int | None = None
+    threads: int = 0
+    references: bool = True
+    tasks: Path | None = None
+
+
+@dataclass
+class Entry:
+    """One file of the study: how it is made, where it lives, how it scored."""
+
+    method: str  # a ggq method, a reference name, or "base"
+    bits: str  # "3", ... ("32"/"16" for the base)
+    type: str
+    path: Path
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # text name -> ppl row
+    tasks: dict[str, float] = field(default_factory=dict)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
+
+
+def checkpoint_digest(model: Path) -> str:
+    """Content hash of the files a conversion reads (weights, config, tokenizer)."""
+    names = sorted(
+        p.name
+        for p in model.iterdir()
+        if p.suffix in (".safetensors", ".json", ".jinja") and p.is_file() and not p.name.startswith(".")
+    )
+    if not any(n.endswith(".safetensors") for n in names):
+        raise StudyError(
+            f"{model}: no .safetensors weights (a Hugging Face Qwen3 checkpoint folder is needed)"
+        )
+    return _key(*(f"{n}:{_sha256_file(model / n)}" for n in names))
+
+
+def _atomic_json(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
+def _tool(name: str, *args: str) -> None:
+    done = subprocess.run([str(native.tool_path(name)), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StudyError(f"{name} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, log: Callable[[str], None] = print) -> None:
+        for m in cfg.methods:
+            if m not in METHODS:
+                raise StudyError(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+        for b in cfg.bits:
+            if b not in BITS_RECIPES:
+                raise StudyError(f"--bits: {b!r} is not one of {', '.join(BITS_RECIPES)}")
+        if cfg.base_type not in rc.FLOAT_TYPES:
+            raise StudyError(f"--base-type {cfg.base_type}: expected one of {', '.join(rc.FLOAT_TYPES)}")
+        if not cfg.model.is_dir():
+            raise StudyError(f"{cfg.model}: not a checkpoint folder")
+        for t in cfg.texts:
+            if not t.is_file():
+                raise StudyError(f"{t}: text file not found")
+        if cfg.tasks is not None:
+            from ggq.tasks import find_tasks
+
+            find_tasks(cfg.tasks)  # a missing or empty task folder fails before hours of work
+        self.cfg = cfg
+        self.log = log
+        from ggq import calib
+
+        self.calib = cfg.calib or calib.default_text()
+        self.calib_sha = _sha256_file(self.calib)
+        self.digest = checkpoint_digest(cfg.model)
+        self.name = cfg.model.name
+        self.gguf_dir = cfg.out / "gguf"
+        self.results_dir = cfg.out / "results"
+
+    # -- files ----------------------------------------------------------------------------
+    def _path(self, type_name: str, method: str, key: str) -> Path:
+        tag = method.replace("llama.cpp ", "llama.cpp-").replace(" ", "-").replace("+", "-")
+        return self.gguf_dir / f"{self.name}-{type_name}-{tag}-{key}.gguf"
+
+    def _convert(self, type_name: str, method: str, out: Path) -> None:
+        from ggq.checkpoint import Checkpoint
+        from ggq.convert import CalibOptions, ConvertOptions, convert
+
+        cal = CalibOptions(self.calib, self.cfg.nsamples, self.cfg.seqlen, self.cfg.seed)
+        opts = ConvertOptions(rc.RecipeOptions(type_name), method=method, threads=self.cfg.threads, cal=cal)
+        convert(Checkpoint(self.cfg.model), out, opts)
+
+    def base(self) -> Entry:
+        t = self.cfg.base_type
+        path = self._path(t, "base", _key(self.digest, t, __version__))
+        if not path.exists():
+            self.log(f"convert {self.name} -> {t} (base)")
+            self.gguf_dir.mkdir(parents=True, exist_ok=True)
+            self._convert(t, "rtn", path)
+        return Entry("base", "32" if t == "F32" else "16", t, path)
+
+    def quant(self, method: str, bits: str) -> Entry:
+        t = BITS_RECIPES[bits]
+        key = _key(
+            self.digest,
+            t,
+            method,
+            self.calib_sha,
+            self.cfg.nsamples,
+            self.cfg.seqlen,
+            self.cfg.seed,
+            __version__,
+        )
+        path = self._path(t, method, key)
+        if not path.exists():
+            start = time.perf_counter()
+            self.log(f"convert {self.name} --method {method} --type {t}")
+            self._convert(t, method, path)
+            self.log(f"  {path.name}: {time.perf_counter() - start:.0f} s")
+        return Entry(method, bits, t, path)
+
+    def imatrix(self, base: Entry) -> Path:
+        path = (
+            self.gguf_dir / f"{self.name}-imatrix-{_key(base.path.name, self.calib_sha, self.cfg.n_ctx)}.gguf"
+        )
+        if not path.exists():
+            self.log(f"llama-imatrix on {self.calib.name}")
+            tmp = path.with_name(f".{path.name}.tmp.gguf")
+            threads = str(self.cfg.threads or len(os.sched_getaffinity(0)))
+            _tool(
+                "llama-imatrix",
+                "-m",
+                str(base.path),
+                "-f",
+                str(self.calib),
+                "-o",
+                str(tmp),
+                "-c",
+                str(self.cfg.n_ctx),
+                "-t",
+                threads,
+            )
+            os.replace(tmp, path)
+        return path
+
+    def reference(self, name: str, bits: str, base: Entry, imatrix: Path | None) -> Entry:
+        t = BITS_RECIPES[bits]
+        path = self._path(t, name, _key(base.path.name, t, imatrix.name if imatrix else ""))
+        if not path.exists():
+            self.log(f"llama-quantize {t}" + (" --imatrix" if imatrix else ""))
+            tmp = path.with_name(f".{path.name}.tmp.gguf")
+            extra = ["--imatrix", str(imatrix)] if imatrix else []
+            _tool("llama-quantize", *extra, str(base.path), str(tmp), t)
+            os.replace(tmp, path)
+        return Entry(name, bits, t, path)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def texts(self) -> list[Path]:
+        from ggq.eval.perplexity import DEFAULT_TEXT
+
+        return list(self.cfg.texts) or [DEFAULT_TEXT]
+
+    def _result_path(self, entry: Entry, text: Path, text_sha: str, base: Entry) -> Path:
+        key = _key(entry.path.name, base.path.name, text_sha, self.cfg.n_ctx, self.cfg.chunks)
+        return self.results_dir / f"{entry.path.stem}-{text.stem}-{key}.json"
+
+    def evaluate(self, base: Entry, entries: list[Entry]) -> None:
+        """Every entry against the base on every text; cached results are read, the rest run in one pass."""
+        from ggq.eval.perplexity import PerplexityConfig, load_text
+        from ggq.eval.report import rows_against_base
+
+        config = PerplexityConfig(n_ctx=self.cfg.n_ctx, n_chunks=self.cfg.chunks, n_threads=self.cfg.threads)
+        for text in self.texts():
+            text_sha = _sha256_file(text)
+            todo = []
+            for e in [base, *entries]:
+                cached = self._result_path(e, text, text_sha, base)
+                if cached.exists():
+                    e.results[text.name] = json.loads(cached.read_text())
+                else:
+                    todo.append(e)
+            if not todo:
+                continue
+            quants = [e for e in todo if e is not base] or entries[:1]  # the base row comes with any pass
+            self.log(f"ggq ppl --base {base.path.name} on {text.name}: {len(quants)} file(s) in one pass")
+            rows = rows_against_base(
+                base.path, [(e.path, "model") for e in quants], load_text(text), str(text), config, False
+            )
+            base_ppl = rows[0].ppl.ppl
+            for e, row in zip([base, *quants], rows, strict=True):
+                doc = row.as_dict(base_ppl)
+                e.results[text.name] = doc
+                _atomic_json(self._result_path(e, text, text_sha, base), doc)
+
+    # -- the whole run ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        base = self.base()
+        entries: list[Entry] = []
+        if self.cfg.references:
+            imat = self.imatrix(base)
+            for bits in self.cfg.bits:
+                entries.append(self.reference("llama.cpp RTN", bits, base, None))
+                entries.append(self.reference("llama.cpp imatrix", bits, base, imat))
+        for method in self.cfg.methods:
+            for bits in self.cfg.bits:
+                entries.append(self.quant(method, bits))
+        self.evaluate(base, entries)
+        if self.cfg.tasks is not None:
+            from ggq.tasks import run_tasks
+
+            for e in [base, *entries]:
+                e.tasks = run_tasks(e.path, self.cfg.tasks, self.results_dir, self.cfg.threads, self.log)
+        doc = self.document(base, entries)
+        _atomic_json(self.cfg.out / "study.json", doc)
+        md = render_markdown(doc)
+        (self.cfg.out / "study.md").write_text(md)
+        write_plots(doc, self.cfg.out)
+        return doc
+
+    def document(self, base: Entry, entries: list[Entry]) -> dict[str, Any]:
+        texts = [t.name for t in self.texts()]
+        rows = []
+        for e in [base, *entries]:
+            first = e.results[texts[0]]
+            row: dict[str, Any] = {
+                "method": e.method,
+                "bits": e.bits,
+                "type": e.type,
+                "file": e.path.name,
+                "bpw": first["bpw"],
+                "size_mib": first["size_mib"],
+                "texts": {},
+                "tasks": e.tasks,
+            }
+            for t in texts:
+                r = e.results[t]
+                kld = r.get("kld") or {}
+                row["texts"][t] = {
+                    "ppl": r["ppl"],
+                    "ppl_err": r["ppl_err"],
+                    "delta_ppl": r.get("delta_ppl", 0.0),
+                    "kld": kld.get("kld"),
+                    "kld_err": kld.get("kld_err"),
+                    "same_top": kld.get("same_top"),
+                    "n_scored": r["n_scored"],
+                }
+            rows.append(row)
+        return {
+            "model": str(self.cfg.model),
+            "texts": texts,
+            "calibration": {
+                "file": self.calib.name,
+                "sha256": self.calib_sha,
+                "nsamples": self.cfg.nsamples,
+                "seqlen": self.cfg.seqlen,
+                "seed": self.cfg.seed,
+            },
+            "n_ctx": self.cfg.n_ctx,
+            "chunks": self.cfg.chunks,
+            "ggq_version": __version__,
+            "llama_cpp_commit": native.load().LLAMA_CPP_COMMIT,
+            "rows": rows,
+        }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return (
+        format(x, ".2e")
+        if spec == "kld" and 0 < abs(x) < 1e-4
+        else format(x, ".5f" if spec == "kld" else spec)
+    )
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """The table in the paper's layout: method, #W, type, bpw, size, then per text PPL, ΔPPL, KLD, same top p."""
+    texts = doc["texts"]
+    head = ["Method", "#W", "type", "bpw", "MiB"]
+    for t in texts:
+        head += [f"PPL {t}", f"ΔPPL {t}", f"KLD {t}", f"same top p {t}"]
+    if any(r["tasks"] for r in doc["rows"]):
+        head += sorted({k for r in doc["rows"] for k in r["tasks"]})
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in doc["rows"]:
+        cells = [
+            "full precision" if r["method"] == "base" else r["method"],
+            r["bits"],
+            r["type"],
+            f"{r['bpw']:.2f}",
+            f"{r['size_mib']:.1f}",
+        ]
+        for t in texts:
+            x = r["texts"][t]
+            cells += [
+                f"{x['ppl']:.3f}",
+                "" if r["method"] == "base" else f"{x['delta_ppl']:+.3f}",
+                _fmt(x["kld"], "kld"),
+                "" if x["same_top"] is None else f"{100 * x['same_top']:.2f}%",
+            ]
+        for k in head[5 + 4 * len(texts) :]:
+            cells.append(_fmt(r["tasks"].get(k), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    cal = doc["calibration"]
+    lines += [
+        "",
+        f"Model `{Path(doc['model']).name}`; KLD and same top p against the full-precision GGUF with llama-perplexity's "
+        f"definitions; ctx {doc['n_ctx']}, {'all' if doc['chunks'] is None else doc['chunks']} chunks of each text; "
+        f"calibration {cal['file']} ({cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']}); "
+        f"ggq {doc['ggq_version']}, llama.cpp {doc['llama_cpp_commit']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(doc: dict[str, Any], out: Path) -> None:
+    """ppl.png and kld.png: the first text's PPL and KLD against bits per weight, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = doc["texts"][0]
+    base = next(r for r in doc["rows"] if r["method"] == "base")
+    methods = list(dict.fromkeys(r["method"] for r in doc["rows"] if r["method"] != "base"))
+    for metric, fname, label in (
+        ("ppl", "ppl.png", f"PPL on {text}"),
+        ("kld", "kld.png", f"mean KLD vs {base['type']} on {text}"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = sorted((r["bpw"], r["texts"][text][metric]) for r in doc["rows"] if r["method"] == m)
+            style = "--" if m in REFERENCES else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=m)
+        if metric == "ppl":
+            ax.axhline(base["texts"][text]["ppl"], color="gray", linestyle=":", label=f"{base['type']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel(label)
+        ax.set_title(f"{Path(doc['model']).name}: {label}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = out / f".{fname}.tmp.png"
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, out / fname)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from ggq.convert import USER_ERRORS as CONVERT_ERRORS
+    from ggq.eval.perplexity import PerplexityError
+    from ggq.tasks import TaskError
+
+    return (StudyError, PerplexityError, TaskError, *CONVERT_ERRORS)
+
+
+USER_ERRORS = _user_errors()
