@@ -288,11 +288,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 USER_ERRORS = _user_errors()
 
 
+def _exponents(ax: float, aw: float) -> str:
+    return f"x^{ax:.2f}" + (f"/w^{aw:.2f}" if aw else "")
+
+
 def _print_layer(console: Any, method: str, rep: LayerReport) -> None:
     errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
-    alphas = "  ".join(f"{k} {a:.2f}" for k, a in rep.alphas.items())
+    alphas = "  ".join(f"{k} {_exponents(ax, aw)}" for k, (ax, aw) in rep.alphas.items())
     line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
-    console.print(line + (f"  awq alpha: {alphas}" if alphas else ""))
+    console.print(line + (f"  awq scales: {alphas}" if alphas else ""))
 
 
 def layer_json(rep: LayerReport) -> dict[str, object]:
@@ -300,7 +304,7 @@ def layer_json(rep: LayerReport) -> dict[str, object]:
         "layer": rep.layer,
         "seconds": round(rep.seconds, 3),
         "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
-        "awq_alpha": dict(rep.alphas),
+        "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
     }
 
 

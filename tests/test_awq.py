@@ -82,9 +82,20 @@ def test_search_is_never_worse_than_unscaled() -> None:
         (x**2).mean(0),
         np.arange(256),
     )
-    assert found.loss <= found.loss_plain
-    assert found.alpha > 0 and found.loss < 0.97 * found.loss_plain
+    assert found.exponents[0] > 0 and found.loss < 0.97 * found.loss_plain
     assert found.scales.shape == (256,) and found.scales.dtype == np.float32
+    unscaled = awq.output_error([(w, "Q4_0"), (w[:32], "Q4_K")], h, (x**2).mean(0), np.ones(256, np.float32))
+    assert found.loss_plain == unscaled
+
+
+def test_refit_norm_undoes_a_per_channel_distortion() -> None:
+    """Quantized weights off by a factor per input channel: the least-squares refit finds it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4096, 64)).astype(np.float32)
+    w1, w2 = (rng.standard_normal((r, 64)).astype(np.float32) for r in (32, 16))
+    c = (0.8 + 0.4 * rng.random(64)).astype(np.float32)
+    u = awq.refit_norm([(w1, w1 / c), (w2, w2 / c)], torch.from_numpy(x.T @ x), ridge=0.0)
+    np.testing.assert_allclose(u, c, rtol=1e-4)
 
 
 SMALL = {"nsamples": 8, "seqlen": 128}
@@ -182,3 +193,20 @@ def test_awq_bad_input_is_one_line(checkpoint, tmp_path: Path) -> None:
     assert not out.exists()
     with pytest.raises(ConvertError, match="--method awq-ish"):
         convert(Checkpoint(checkpoint("tied")), out, ConvertOptions(method="awq-ish"))
+
+
+def test_clip_search_only_keeps_a_clip_that_lowers_the_output_error() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2048, 64)).astype(np.float32)
+    w = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    w[:, ::32] *= 12  # one outlier per block dominates the block's scale
+    h = torch.from_numpy(x.T @ x)
+    imp = (x**2).mean(0)
+
+    def err(v: np.ndarray) -> float:
+        e = w - awq.quantized_weights(v, "Q4_0", imp)
+        return float(np.sum((e @ (x.T @ x)) * e))
+
+    clipped = awq.clip_search(w, "Q4_0", imp, h)
+    assert err(clipped) <= err(w)
+    assert np.all(np.abs(clipped) <= np.abs(w))

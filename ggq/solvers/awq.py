@@ -58,9 +58,13 @@ def fold(w: dict[str, torch.Tensor], group: ScaleGroup, scales: torch.Tensor, ch
         w[name] = w[name] * cols[None, :]
 
 
-def candidate_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
-    """AWQ's ``mean|x| ** alpha``, normalised so that max * min = 1 (alpha 0 gives all ones)."""
-    s = np.maximum(mean_abs.astype(np.float64) ** alpha, 1e-4)
+def candidate_scales(x_mean: np.ndarray, w_mean: np.ndarray | None, alpha: float) -> np.ndarray:
+    """AWQ's ``mean|x| ** alpha``, or with ``w_mean`` ``mean|x| ** alpha / mean|w| ** (1 - alpha)``
+    (AutoAWQ's duo scaling), normalised so that max * min = 1."""
+    s = np.maximum(x_mean.astype(np.float64), 1e-8) ** alpha
+    if w_mean is not None:
+        s = s / (np.maximum(w_mean.astype(np.float64), 1e-8) ** (1 - alpha))
+    s = np.maximum(s / s.max(), 1e-4)  # bound the ratio of scales (dead channels)
     return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
 
 
@@ -72,9 +76,9 @@ def quantized_weights(w: np.ndarray, type_name: str, importance: np.ndarray | No
 @dataclass(frozen=True)
 class ScaleResult:
     scales: np.ndarray  # (n_channels,) float32: prev / scales, linear columns * scales[channel]
-    alpha: float
-    loss: float  # sum over the linears of ||X (W - Q)^T||^2 at alpha
-    loss_plain: float  # the same at alpha = 0: importance-weighted RTN without scaling
+    exponents: tuple[float, float]  # of mean|x| and of 1 / mean|w|: (0, 0) = no scaling
+    loss: float  # sum over the linears of ||X (W - Q)^T||^2 with these scales
+    loss_plain: float  # the same unscaled: importance-weighted RTN
 
 
 def output_error(
@@ -91,6 +95,12 @@ def output_error(
     return total
 
 
+def _per_channel(values: np.ndarray, channel: np.ndarray) -> np.ndarray:
+    """Mean of per-column ``values`` over the columns sharing a scale."""
+    n_ch = int(channel.max()) + 1
+    return np.bincount(channel, weights=values, minlength=n_ch) / np.bincount(channel, minlength=n_ch)
+
+
 def search_scales(
     weights: list[tuple[np.ndarray, str]],
     h: torch.Tensor,
@@ -99,20 +109,80 @@ def search_scales(
     channel: np.ndarray,
     grid: int = 20,
 ) -> ScaleResult:
-    """Best ``alpha`` in {0, 1/grid, ..., 1} for linears (rows, n_in) of a ggml type reading one
-    input: ``h`` (n_in, n_in) sum of x x^T, ``mean_abs`` / ``mean_sq`` (n_in,) of x, ``channel``
-    (n_in,) the scale index of each column. Ties keep the smaller alpha."""
-    n_ch = int(channel.max()) + 1
-    count = np.bincount(channel, minlength=n_ch)
-    ch_abs = np.bincount(channel, weights=mean_abs, minlength=n_ch) / count  # (n_ch,)
-    best: ScaleResult | None = None
-    plain = 0.0
+    """Best scales for linears (rows, n_in), each of a ggml type, reading one input: ``h``
+    (n_in, n_in) sum of x x^T, ``mean_abs`` / ``mean_sq`` (n_in,) of x, ``channel`` (n_in,) the
+    scale index of each column. Candidates: alpha in {0, 1/grid, ..., 1}, with and without the
+    weights' mean magnitude; ties keep the earlier (unscaled first)."""
+    x_mean = _per_channel(mean_abs, channel)
+    w_rel = np.concatenate([np.abs(w) / np.abs(w).max(1, keepdims=True).clip(1e-12) for w, _ in weights])
+    w_mean = _per_channel(w_rel.mean(0).astype(np.float64), channel)  # (n_ch,)
+    plain = output_error(weights, h, mean_sq, np.ones(len(channel), np.float32))
+    best = ScaleResult(np.ones(len(x_mean), np.float32), (0.0, 0.0), plain, plain)
+    for duo in (False, True):
+        for k in range(1, grid + 1) if not duo else range(grid):
+            alpha = k / grid
+            s = candidate_scales(x_mean, w_mean if duo else None, alpha)
+            loss = output_error(weights, h, mean_sq, s[channel])
+            if loss < best.loss:
+                best = ScaleResult(s, (alpha, 1 - alpha if duo else 0.0), loss, plain)
+    return best
+
+
+def refit_norm(
+    pairs: list[tuple[np.ndarray, np.ndarray]], h: torch.Tensor, ridge: float = 1e-3
+) -> np.ndarray:
+    """Per-input-channel factors u (n_in,) minimising sum_i ||X W_i^T - X diag(u) Q_i^T||^2 over the
+    pairs (W_i, Q_i) (rows, n_in) of weights and their quantized values: a linear least squares,
+    (sum_i H o Q_i^T Q_i) u = sum_i diag(Q_i^T W_i H). When X comes out of an RMSNorm, multiplying
+    the norm's weight by u applies it exactly; ``ridge`` (relative) pulls u towards 1."""
+    hd = h.to(torch.float64)
+    a = torch.zeros_like(hd)
+    b = torch.zeros(hd.shape[0], dtype=torch.float64)
+    for w, q in pairs:
+        qt = torch.from_numpy(q).to(torch.float64)
+        a += hd * (qt.T @ qt)
+        b += (qt * (torch.from_numpy(w).to(torch.float64) @ hd)).sum(0)
+    lam = ridge * float(torch.diag(a).mean())
+    u = torch.linalg.solve(a + lam * torch.eye(len(b), dtype=torch.float64), b + lam)
+    return u.to(torch.float32).numpy()
+
+
+def clip_search(
+    w: np.ndarray,
+    type_name: str,
+    importance: np.ndarray,
+    h: torch.Tensor,
+    grid: int = 20,
+    min_ratio: float = 0.5,
+    unit: int = 32,
+) -> np.ndarray:
+    """AWQ's clipping search: per row and ``unit`` columns, the clip of |w| (a fraction of the
+    unit's max, from 1 down to ``min_ratio``) whose quantization has the least output error, with
+    the unit's diagonal block of ``h`` (cross-unit correlation ignored, as in AWQ). Returns the
+    clipped weights, or ``w`` itself when clipping does not lower the error of the whole row set."""
+    rows, cols = w.shape
+    nb = cols // unit
+    hb = torch.stack([h[b * unit : (b + 1) * unit, b * unit : (b + 1) * unit] for b in range(nb)])
+    wt = torch.from_numpy(w).view(rows, nb, unit)
+    top = wt.abs().amax(-1, keepdim=True)  # (rows, nb, 1)
+    best_err: torch.Tensor | None = None
+    best = wt.clone()
     for k in range(grid + 1):
-        alpha = k / grid
-        s = candidate_scales(ch_abs, alpha)
-        loss = output_error(weights, h, mean_sq, s[channel])
-        plain = loss if k == 0 else plain
-        if best is None or loss < best.loss:
-            best = ScaleResult(s, alpha, loss, plain)
-    assert best is not None
-    return ScaleResult(best.scales, best.alpha, best.loss, plain)
+        ratio = 1.0 - (1.0 - min_ratio) * k / grid
+        wc = torch.maximum(torch.minimum(wt, top * ratio), -top * ratio)
+        q = torch.from_numpy(quantized_weights(wc.reshape(rows, cols).numpy(), type_name, importance))
+        e = wt - q.view(rows, nb, unit)
+        err = torch.einsum("rbi,bij,rbj->rb", e, hb, e)  # (rows, nb)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = wc[better]
+    clipped = best.reshape(rows, cols).numpy()
+
+    def total(v: np.ndarray) -> float:
+        e = torch.from_numpy(w - quantized_weights(v, type_name, importance))
+        return float(((e @ h) * e).sum())
+
+    return clipped if total(clipped) < total(w) else w

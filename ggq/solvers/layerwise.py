@@ -38,6 +38,8 @@ class SolverOptions:
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
     batch: int = 8  # calibration windows per forward batch (bounds activation memory)
     awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1}
+    refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
+    clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
 
     @property
@@ -55,8 +57,8 @@ class LayerReport:
     seconds: float = 0.0
     # linear -> (relative output error of RTN with the same block type, of the solver)
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # AWQ: scaled group (named by the tensor folded into) -> the alpha chosen
-    alphas: dict[str, float] = field(default_factory=dict)
+    # AWQ: scaled group (named by the tensor folded into) -> exponents of mean|x| and 1/mean|w|
+    alphas: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def hessian(x: torch.Tensor) -> np.ndarray:
@@ -125,6 +127,7 @@ class _Layer:
     rep: LayerReport
     out: dict[str, np.ndarray] = field(default_factory=dict)  # short name -> tensor bytes
     col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> AWQ factor of its columns
+    unquantized: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> (folded) weights
 
     def stats(self, x: torch.Tensor) -> InputStats:
         return InputStats.of(x, self.opts.search_tokens, full=self.opts.uses_gptq)
@@ -144,7 +147,7 @@ class _Layer:
         found = awq.search_scales(
             weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
         )
-        self.rep.alphas[prev] = found.alpha
+        self.rep.alphas[prev] = found.exponents
         awq.fold(self.w, group, torch.from_numpy(found.scales), channel)
         for n in group.linears:
             self.col_scale[n] = found.scales[channel]
@@ -162,14 +165,24 @@ class _Layer:
                 res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
                 data, q = res.data, res.weights
             else:
-                data = ggml.quantize(wn, t, stats.mean_sq, n_threads=0)
+                wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
+                data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
                 q = ggml.dequantize(data, t, wn.shape[1])
             if t not in recipe.FLOAT_TYPES:
                 s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
                 rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
                 self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
             self.out[name] = data
+            self.unquantized[name] = wn
             self.w[name] = torch.from_numpy(q)
+
+    def refit(self, norm: str, names: tuple[str, ...], stats: InputStats) -> bool:
+        """AWQ: the norm feeding the quantized ``names`` refit by least squares (awq.refit_norm)."""
+        if not (self.opts.scaled and self.opts.refit_norms):
+            return False
+        pairs = [(self.unquantized[n], self.w[n].numpy()) for n in names]
+        self.w[norm] = self.w[norm] * torch.from_numpy(awq.refit_norm(pairs, stats.h_sample))
+        return True
 
     def finish_norms(self) -> None:
         for name in ("attn_norm", "ffn_norm"):
@@ -202,6 +215,7 @@ def solve_layer(
     L.quantize(("attn_q", "attn_k"), st)
     L.scale("attn_v", lambda: _batched(o_in, h, opts.batch))  # v is unquantized until folded into
     L.quantize(("attn_v",), st)
+    L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
     x = _batched(o_in, h, opts.batch)
     L.quantize(("attn_output",), L.stats(x))
     h = h + x @ w["attn_output"].T
@@ -212,6 +226,8 @@ def solve_layer(
     L.quantize(("ffn_gate",), st)
     L.scale("ffn_up", lambda: qwen3.mlp_core(x, w))
     L.quantize(("ffn_up",), st)
+    if L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st):
+        x = qwen3.mlp_input(h, w, hp)
     x = qwen3.mlp_core(x, w)
     L.quantize(("ffn_down",), L.stats(x))
     out = h + x @ L.w["ffn_down"].T  # the quantized layer's output feeds the next layer
