@@ -297,4 +297,14 @@ void Evaluator::kld(const Evaluator & base, KldToken * out, int n_threads) const
     });
 }
 
+void quantize_model(const std::string & input, const std::string & output, int32_t ftype, int32_t n_threads) {
+    LogCapture log;  // llama_model_quantize logs every tensor; only its errors are kept
+    llama_model_quantize_params params = llama_model_quantize_default_params();
+    params.ftype = static_cast<enum llama_ftype>(ftype);
+    params.nthread = n_threads;
+    if (llama_model_quantize(input.c_str(), output.c_str(), &params) != 0) {
+        throw LlamaError(log.message(input + ": llama_model_quantize failed"));
+    }
+}
+
 }  // namespace ggq

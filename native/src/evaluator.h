@@ -115,4 +115,8 @@ class Evaluator {
     mutable std::mutex busy_;                  // one evaluate()/nll() at a time (the GIL is released)
 };
 
+// llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs) with its default
+// parameters and the given llama_ftype; its per-tensor log is dropped, its errors thrown.
+void quantize_model(const std::string & input, const std::string & output, int32_t ftype, int32_t n_threads);
+
 }  // namespace ggq

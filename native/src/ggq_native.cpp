@@ -224,19 +224,9 @@ py::dict kld_rows(const py::array & q, const py::array & base, const py::array &
     return kld_arrays(toks, {q.shape(0)});
 }
 
-// llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs) with its defaults.
 void quantize_model(const std::string & input, const std::string & output, int32_t ftype, int32_t n_threads) {
-    llama_model_quantize_params params = llama_model_quantize_default_params();
-    params.ftype = static_cast<enum llama_ftype>(ftype);
-    params.nthread = n_threads;
-    uint32_t rc = 0;
-    {
-        py::gil_scoped_release release;
-        rc = llama_model_quantize(input.c_str(), output.c_str(), &params);
-    }
-    if (rc != 0) {
-        throw ggq::LlamaError(input + ": llama_model_quantize failed (code " + std::to_string(rc) + ")");
-    }
+    py::gil_scoped_release release;
+    ggq::quantize_model(input, output, ftype, n_threads);
 }
 
 }  // namespace
