@@ -123,6 +123,18 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     is_flag=True,
     help="GPTQ (gptq, awq+gptq): quantize columns by decreasing activation energy.",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Torch device of the calibration forward passes and statistics (auto: cuda when torch sees one).",
+)
+@click.option(
+    "--save-imatrix",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write llama.cpp's imatrix GGUF of the calibration inputs each linear sees (gptq, awq).",
+)
 def convert(
     model: str,
     output: Path | None,
@@ -145,6 +157,8 @@ def convert(
     seed: int,
     damp: float,
     act_order: bool,
+    device: str,
+    save_imatrix: Path | None,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -164,7 +178,8 @@ def convert(
                 token_embedding_type,
                 leave_output_tensor,
                 threads,
-                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order),
+                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device),
+                save_imatrix,
             ),
             dry_run=dry_run,
             as_json=as_json,

@@ -23,7 +23,8 @@ from ggq.checkpoint import Checkpoint
 from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
-from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, solve_layers
+from ggq.imatrix import save_imatrix
+from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -40,6 +41,7 @@ class CalibOptions:
     seed: int = 0
     damp: float = 0.01
     act_order: bool = False  # GPTQ column order (gptq, awq+gptq)
+    device: str = "auto"  # torch device of the calibration: auto (cuda when there is one), cpu, cuda
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ConvertOptions:
     imatrix: Path | None = None
     threads: int = 0  # 0 = all cores
     cal: CalibOptions = field(default_factory=CalibOptions)
+    save_imatrix: Path | None = None  # llama.cpp imatrix of the calibration inputs (not with rtn)
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,14 @@ def _solver_stream(
     plan: list[PlannedTensor],
     opts: ConvertOptions,
     report: Callable[[LayerReport], None] | None,
+    act_sums: dict[str, tuple[np.ndarray, int]],
 ) -> Iterator[dict[str, object]]:
     """First the calibration provenance, then per layer {GGUF name: bytes} of every tensor the
-    solver changed (quantized linears; with AWQ also the norms and float linears it folded into)."""
+    solver changed (quantized linears; with AWQ also the norms and float linears it folded into).
+    ``act_sums`` collects each linear's (sum of x^2 per input column, tokens)."""
     types = {t.name: t.type for t in plan}
     check_targets(types, opts.method)
+    device = resolve_device(opts.cal.device)
     text = opts.cal.calib or calib.default_text()
     windows = calib.sample_windows(
         ckpt.path / "tokenizer.json", text, opts.cal.nsamples, opts.cal.seqlen, opts.cal.seed
@@ -170,9 +176,10 @@ def _solver_stream(
         "damp": opts.cal.damp,
         **({"act_order": opts.cal.act_order} if opts.method.endswith("gptq") else {}),
     }
-    sopts = SolverOptions(method=opts.method, damp=opts.cal.damp, act_order=opts.cal.act_order)
-    for i, results in solve_layers(ckpt, windows.tokens, types, sopts, report):
-        yield {f"blk.{i}.{name}.weight": data for name, data in results.items()}
+    sopts = SolverOptions(method=opts.method, damp=opts.cal.damp, act_order=opts.cal.act_order, device=device)
+    for i, result in solve_layers(ckpt, windows.tokens, types, sopts, report):
+        act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
+        yield {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
 
 
 def _layer_of(name: str) -> int | None:
@@ -187,12 +194,15 @@ def convert(
     progress: Callable[[PlannedTensor], None] | None = None,
     layer_report: Callable[[LayerReport], None] | None = None,
 ) -> list[PlannedTensor]:
-    """Write ``out``; returns the plan that was written."""
+    """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written."""
     if opts.method not in METHODS:
         raise ConvertError(f"--method {opts.method}: unknown; known: {', '.join(METHODS)}")
+    if opts.save_imatrix and opts.method == "rtn":
+        raise ConvertError("--save-imatrix: needs calibration activations (--method gptq, awq or awq+gptq)")
     ft = recipe.file_type(opts.recipe.file_type)
     plan = make_plan(ckpt, opts)
-    solved = _solver_stream(ckpt, plan, opts, layer_report) if opts.method != "rtn" else None
+    act_sums: dict[str, tuple[np.ndarray, int]] = {}
+    solved = _solver_stream(ckpt, plan, opts, layer_report, act_sums) if opts.method != "rtn" else None
     calib_meta: dict[str, object] = (
         next(solved) if solved is not None else {}
     )  # first: calibration provenance
@@ -228,6 +238,9 @@ def convert(
             if progress:
                 progress(t)
         writer.finish()
+    if opts.save_imatrix:
+        source = str(calib_meta["file"])
+        save_imatrix(opts.save_imatrix, act_sums, [source], opts.cal.nsamples, opts.cal.seqlen)
     return plan
 
 
@@ -242,9 +255,14 @@ def cli_options(
     leave_output_tensor: bool,
     threads: int = 0,
     cal: CalibOptions | None = None,
+    save_imatrix: Path | None = None,
 ) -> ConvertOptions:
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
+    cal = cal or CalibOptions()
+    resolve_device(cal.device)  # --device cuda without CUDA: one line before anything is read
+    if save_imatrix and method == "rtn":
+        raise ConvertError("--save-imatrix: needs calibration activations (--method gptq, awq or awq+gptq)")
     for _, qtype in tensor_types:
         recipe.tensor_type(qtype)
     for t in (output_tensor_type, token_embedding_type):
@@ -260,7 +278,7 @@ def cli_options(
         has_imatrix=imatrix is not None,
     )
     return ConvertOptions(
-        recipe=ropts, method=method, imatrix=imatrix, threads=threads, cal=cal or CalibOptions()
+        recipe=ropts, method=method, imatrix=imatrix, threads=threads, cal=cal, save_imatrix=save_imatrix
     )
 
 

@@ -84,13 +84,13 @@ class ScaleResult:
 def output_error(
     weights: list[tuple[np.ndarray, str]], h: torch.Tensor, mean_sq: np.ndarray, cols: np.ndarray
 ) -> float:
-    """sum_i ||X (W_i - Q(W_i * cols) / cols)^T||^2 from H = X^T X, with the quantizer's importance
-    the mean square of the scaled input X / cols."""
+    """sum_i ||X (W_i - Q(W_i * cols) / cols)^T||^2 from H = X^T X (on any device), with the
+    quantizer's importance the mean square of the scaled input X / cols."""
     importance = (mean_sq / cols**2).astype(np.float32)
     total = 0.0
     for w, type_name in weights:
         q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
-        e = torch.from_numpy(w - q)  # (rows, n_in)
+        e = torch.from_numpy(w - q).to(h.device)  # (rows, n_in)
         total += float(((e @ h) * e).sum())
     return total
 
@@ -137,14 +137,14 @@ def refit_norm(
     the norm's weight by u applies it exactly; ``ridge`` (relative) pulls u towards 1."""
     hd = h.to(torch.float64)
     a = torch.zeros_like(hd)
-    b = torch.zeros(hd.shape[0], dtype=torch.float64)
+    b = torch.zeros(hd.shape[0], dtype=torch.float64, device=hd.device)
     for w, q in pairs:
-        qt = torch.from_numpy(q).to(torch.float64)
+        qt = torch.from_numpy(q).to(hd.device, torch.float64)
         a += hd * (qt.T @ qt)
-        b += (qt * (torch.from_numpy(w).to(torch.float64) @ hd)).sum(0)
+        b += (qt * (torch.from_numpy(w).to(hd.device, torch.float64) @ hd)).sum(0)
     lam = ridge * float(torch.diag(a).mean())
-    u = torch.linalg.solve(a + lam * torch.eye(len(b), dtype=torch.float64), b + lam)
-    return u.to(torch.float32).numpy()
+    u = torch.linalg.solve(a + lam * torch.eye(len(b), dtype=torch.float64, device=hd.device), b + lam)
+    return u.to(torch.float32).cpu().numpy()
 
 
 def clip_search(
@@ -163,15 +163,15 @@ def clip_search(
     rows, cols = w.shape
     nb = cols // unit
     hb = torch.stack([h[b * unit : (b + 1) * unit, b * unit : (b + 1) * unit] for b in range(nb)])
-    wt = torch.from_numpy(w).view(rows, nb, unit)
+    wt = torch.from_numpy(w).to(h.device).view(rows, nb, unit)
     top = wt.abs().amax(-1, keepdim=True)  # (rows, nb, 1)
     best_err: torch.Tensor | None = None
     best = wt.clone()
     for k in range(grid + 1):
         ratio = 1.0 - (1.0 - min_ratio) * k / grid
         wc = torch.maximum(torch.minimum(wt, top * ratio), -top * ratio)
-        q = torch.from_numpy(quantized_weights(wc.reshape(rows, cols).numpy(), type_name, importance))
-        e = wt - q.view(rows, nb, unit)
+        q = torch.from_numpy(quantized_weights(wc.reshape(rows, cols).cpu().numpy(), type_name, importance))
+        e = wt - q.to(h.device).view(rows, nb, unit)
         err = torch.einsum("rbi,bij,rbj->rb", e, hb, e)  # (rows, nb)
         if best_err is None:
             best_err = err
@@ -179,10 +179,10 @@ def clip_search(
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best[better] = wc[better]
-    clipped = best.reshape(rows, cols).numpy()
+    clipped = best.reshape(rows, cols).cpu().numpy()
 
     def total(v: np.ndarray) -> float:
-        e = torch.from_numpy(w - quantized_weights(v, type_name, importance))
+        e = torch.from_numpy(w - quantized_weights(v, type_name, importance)).to(h.device)
         return float(((e @ h) * e).sum())
 
     return clipped if total(clipped) < total(w) else w

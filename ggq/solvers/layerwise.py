@@ -11,6 +11,12 @@ then importance-weighted RTN, i.e. llama.cpp's imatrix encoders with the scaled 
 mean squares) and ``awq+gptq`` (AWQ scales, then GPTQ on the scaled input). A group's scales are
 searched when its input is computed with everything before it already quantized, and before any
 of the group's linears or the tensor it folds into is quantized.
+
+Device: the forward passes, the input statistics (X^T X, mean |x|, mean x^2) and AWQ's search
+products run on ``SolverOptions.device`` (torch); the ggml encoders and the GPTQ column loop run
+on the CPU in numpy. The layer's weights live on the CPU (what the encoders read) with one device
+copy, refreshed only when a weight changes (fold, quantize, refit). On the CPU both are the same
+tensors and the results are those of the plain CPU code, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ggq.solvers import awq
 from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
 
 METHODS = ("gptq", "awq", "awq+gptq")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class SolverOptions:
     refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
     clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
+    device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
 
     @property
     def scaled(self) -> bool:
@@ -61,10 +69,23 @@ class LayerReport:
     alphas: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` where torch sees a CUDA device, else ``cpu``; ``cuda`` without one is
+    an error naming the torch build."""
+    if name not in DEVICES:
+        raise SolverError(f"--device {name}: unknown; known: {', '.join(DEVICES)}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "built without CUDA"
+        raise SolverError(f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, {build})")
+    return "cuda"
+
+
 def hessian(x: torch.Tensor) -> np.ndarray:
     """sum over tokens of x x^T, in float64: (n_in, n_in)."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return (flat.T @ flat).numpy()
+    return (flat.T @ flat).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -73,23 +94,28 @@ class InputStats:
 
     mean_abs: np.ndarray  # (n_in,) AWQ's salience
     mean_sq: np.ndarray  # (n_in,) importance, as llama.cpp's imatrix stores it
-    h_sample: torch.Tensor  # (n_in, n_in) float32 sum of x x^T over evenly strided tokens
+    sum_sq: np.ndarray  # (n_in,) float64 sum of x^2 over all tokens (an imatrix entry)
+    tokens: int
+    h_sample: torch.Tensor  # (n_in, n_in) float32 sum of x x^T over evenly strided tokens, on x's device
     h_full: np.ndarray | None  # (n_in, n_in) float64 over all tokens, for GPTQ
 
     @classmethod
     def of(cls, x: torch.Tensor, search_tokens: int, full: bool) -> InputStats:
         flat = x.reshape(-1, x.shape[-1])  # (tokens, n_in)
         sample = flat[:: max(1, flat.shape[0] // search_tokens)]
+        sq = flat.pow(2)
         return cls(
-            mean_abs=flat.abs().mean(0).numpy().astype(np.float64),
-            mean_sq=flat.pow(2).mean(0).numpy(),
+            mean_abs=flat.abs().mean(0).cpu().numpy().astype(np.float64),
+            mean_sq=sq.mean(0).cpu().numpy(),
+            sum_sq=sq.sum(0, dtype=torch.float64).cpu().numpy(),
+            tokens=flat.shape[0],
             h_sample=sample.T @ sample,
             h_full=hessian(x) if full else None,
         )
 
     @property
     def h(self) -> np.ndarray:
-        return self.h_full if self.h_full is not None else self.h_sample.to(torch.float64).numpy()
+        return self.h_full if self.h_full is not None else self.h_sample.to(torch.float64).cpu().numpy()
 
 
 def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -117,10 +143,10 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batch:
 
 @dataclass
 class _Layer:
-    """One layer being solved: its weights (replaced by the folded / quantized ones as it goes),
-    their types, and the bytes to write."""
+    """One layer being solved: its weights (replaced by the folded / quantized ones as it goes) on
+    the CPU and their copy on the device, their types, and the bytes to write."""
 
-    w: dict[str, torch.Tensor]
+    w: dict[str, torch.Tensor]  # on the CPU: what the encoders read
     types: dict[str, str]  # short name -> ggml type
     hp: HParams
     opts: SolverOptions
@@ -128,6 +154,21 @@ class _Layer:
     out: dict[str, np.ndarray] = field(default_factory=dict)  # short name -> tensor bytes
     col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> AWQ factor of its columns
     unquantized: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> (folded) weights
+    dev: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights on opts.device
+    # linear -> (sum of x^2 per input column, tokens) of the input it reads in the written model
+    act_sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.refresh(*self.w)
+
+    def refresh(self, *names: str) -> None:
+        """Copy changed weights to the device (on the CPU the copy is the tensor itself)."""
+        for n in names:
+            self.dev[n] = self.w[n].to(self.opts.device)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.w[name] = value
+        self.refresh(name)
 
     def stats(self, x: torch.Tensor) -> InputStats:
         return InputStats.of(x, self.opts.search_tokens, full=self.opts.uses_gptq)
@@ -149,6 +190,7 @@ class _Layer:
         )
         self.rep.alphas[prev] = found.exponents
         awq.fold(self.w, group, torch.from_numpy(found.scales), channel)
+        self.refresh(group.prev, *group.linears)
         for n in group.linears:
             self.col_scale[n] = found.scales[channel]
         return True
@@ -174,19 +216,31 @@ class _Layer:
                 self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
             self.out[name] = data
             self.unquantized[name] = wn
-            self.w[name] = torch.from_numpy(q)
+            self.act_sums[name] = (stats.sum_sq, stats.tokens)
+            self.set(name, torch.from_numpy(q))
 
     def refit(self, norm: str, names: tuple[str, ...], stats: InputStats) -> bool:
         """AWQ: the norm feeding the quantized ``names`` refit by least squares (awq.refit_norm)."""
         if not (self.opts.scaled and self.opts.refit_norms):
             return False
         pairs = [(self.unquantized[n], self.w[n].numpy()) for n in names]
-        self.w[norm] = self.w[norm] * torch.from_numpy(awq.refit_norm(pairs, stats.h_sample))
+        u = awq.refit_norm(pairs, stats.h_sample)  # (n_in,) float32
+        self.set(norm, self.w[norm] * torch.from_numpy(u))
+        for n in names:  # the linears now read x * u
+            sums, tokens = self.act_sums[n]
+            self.act_sums[n] = (sums * u.astype(np.float64) ** 2, tokens)
         return True
 
     def finish_norms(self) -> None:
         for name in ("attn_norm", "ffn_norm"):
             self.out[name] = ggml.quantize(self.w[name].numpy()[None, :], self.types[name])
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    tensors: dict[str, np.ndarray]  # short name -> bytes of every tensor the solver changed
+    # linear -> (sum of x^2 per input column, tokens) of its calibration input in the written model
+    act_sums: dict[str, tuple[np.ndarray, int]]
 
 
 def solve_layer(
@@ -197,16 +251,17 @@ def solve_layer(
     types: dict[str, str],
     opts: SolverOptions,
     rep: LayerReport,
-) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """One layer, true-sequential: returns the quantized layer's output and {short name: bytes}
-    of every tensor it changed."""
+) -> tuple[torch.Tensor, LayerResult]:
+    """One layer, true-sequential, ``h`` (B, T, n_embd) on ``opts.device`` and ``w`` on the CPU:
+    returns the quantized layer's output and its result."""
     L = _Layer(w, {n: types[f"blk.{rep.layer}.{n}.weight"] for n in w}, hp, opts, rep)
+    d = L.dev  # the forward reads the device copy, kept current by L
 
     def attn_in(b: torch.Tensor) -> torch.Tensor:
-        return qwen3.attention_input(b, w, hp)
+        return qwen3.attention_input(b, d, hp)
 
     def o_in(b: torch.Tensor) -> torch.Tensor:
-        return qwen3.attention_core(qwen3.attention_input(b, w, hp), w, hp, rope)
+        return qwen3.attention_core(qwen3.attention_input(b, d, hp), d, hp, rope)
 
     x = _batched(attn_in, h, opts.batch)
     if L.scale("attn_norm", lambda: x):
@@ -218,24 +273,24 @@ def solve_layer(
     L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
     x = _batched(o_in, h, opts.batch)
     L.quantize(("attn_output",), L.stats(x))
-    h = h + x @ w["attn_output"].T
-    x = qwen3.mlp_input(h, w, hp)
+    h = h + x @ d["attn_output"].T
+    x = qwen3.mlp_input(h, d, hp)
     if L.scale("ffn_norm", lambda: x):
-        x = qwen3.mlp_input(h, w, hp)
+        x = qwen3.mlp_input(h, d, hp)
     st = L.stats(x)
     L.quantize(("ffn_gate",), st)
-    L.scale("ffn_up", lambda: qwen3.mlp_core(x, w))
+    L.scale("ffn_up", lambda: qwen3.mlp_core(x, d))
     L.quantize(("ffn_up",), st)
     if L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st):
-        x = qwen3.mlp_input(h, w, hp)
-    x = qwen3.mlp_core(x, w)
+        x = qwen3.mlp_input(h, d, hp)
+    x = qwen3.mlp_core(x, d)
     L.quantize(("ffn_down",), L.stats(x))
-    out = h + x @ L.w["ffn_down"].T  # the quantized layer's output feeds the next layer
+    out = h + x @ d["ffn_down"].T  # the quantized layer's output feeds the next layer
     if not torch.isfinite(out).all():
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
     if opts.scaled:
         L.finish_norms()
-    return out, L.out
+    return out, LayerResult(L.out, L.act_sums)
 
 
 def solve_layers(
@@ -244,18 +299,18 @@ def solve_layers(
     types: dict[str, str],
     opts: SolverOptions,
     report: Callable[[LayerReport], None] | None = None,
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Yield (layer, {short name: tensor bytes}) layer after layer; ``tokens`` (nsamples, seqlen)."""
+) -> Iterator[tuple[int, LayerResult]]:
+    """Yield (layer, result) layer after layer; ``tokens`` (nsamples, seqlen)."""
     check_targets(types, opts.method)
     hp = ckpt.hparams
-    rope = qwen3.Rope.build(hp, tokens.shape[1])
+    rope = qwen3.Rope.build(hp, tokens.shape[1], opts.device)
     with torch.no_grad():
-        h = qwen3.embed(ckpt, torch.from_numpy(tokens))  # (nsamples, seqlen, n_embd)
+        h = qwen3.embed(ckpt, torch.from_numpy(tokens)).to(opts.device)  # (nsamples, seqlen, n_embd)
         for i in range(hp.n_layer):
             start = time.perf_counter()
             rep = LayerReport(i)
-            h, results = solve_layer(h, qwen3.load_layer(ckpt, i), hp, rope, types, opts, rep)
+            h, result = solve_layer(h, qwen3.load_layer(ckpt, i), hp, rope, types, opts, rep)
             rep.seconds = time.perf_counter() - start
             if report:
                 report(rep)
-            yield i, results
+            yield i, result
