@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
-from ggq import calib, ggml, native, testing
+from ggq import calib, ggml, native, qwen3, testing
 from ggq.checkpoint import Checkpoint
-from ggq.convert import ConvertOptions, convert
+from ggq.cli import main
+from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 from ggq.imatrix import ImatrixError, hessian_entry, load_imatrix, read_imatrix, save_imatrix
@@ -119,3 +122,63 @@ def test_bad_entries_are_named(tmp_path: Path) -> None:
     with pytest.raises(ImatrixError, match=r"must be square, got shape \(2, 3\)"):
         hessian_entry(np.ones((2, 3)), 4)
     assert not (tmp_path / "x.gguf").exists()
+
+
+CAL = CalibOptions(nsamples=4, seqlen=64)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A checkpoint, its F32 GGUF, and the imatrix files ``ggq convert --save-imatrix`` writes
+    with gptq and awq (4 windows of 64 tokens)."""
+    d = tmp_path_factory.mktemp("saved")
+    ckpt_dir = testing.build_checkpoint(d / "ckpt", SPEC)
+    files = {"ckpt": ckpt_dir, "F32": d / "f32.gguf"}
+    convert(Checkpoint(ckpt_dir), files["F32"], ConvertOptions(rc.RecipeOptions("F32")))
+    for method in ("gptq", "awq"):
+        files[method] = d / f"{method}.imatrix.gguf"
+        opts = ConvertOptions(rc.RecipeOptions("Q4_0"), method=method, cal=CAL, save_imatrix=files[method])
+        convert(Checkpoint(ckpt_dir), d / f"{method}.gguf", opts)
+    return files
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_saved_imatrix_has_every_linear_and_llama_quantize_takes_it(
+    calibrated: dict[str, Path], method: str, tmp_path: Path
+) -> None:
+    im = read_imatrix(calibrated[method])
+    assert (im.datasets, im.chunk_count, im.chunk_size) == ([calib.DEFAULT_TEXT], 4, 64)
+    gg = read_gguf(calibrated["F32"])
+    linears = {n: t.shape[0] for n, t in gg.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+    values = load_imatrix(calibrated[method])
+    assert {n: len(v) for n, v in values.items()} == linears  # (n_in,) per linear
+    assert all(int(im.counts[n][0]) == 4 * 64 for n in linears)
+    assert all(np.all(v > 0) for v in values.values())
+    (tmp_path / "im").mkdir()
+    (tmp_path / "im" / "imatrix.gguf").write_bytes(calibrated[method].read_bytes())
+    out = read_gguf(_quantize(calibrated["F32"], tmp_path / "im", tmp_path / "q.gguf"))
+    assert out.metadata["quantize.imatrix.entries_count"] == len(linears)
+
+
+def test_saved_imatrix_of_gptq_is_the_first_layers_input_energy(calibrated: dict[str, Path]) -> None:
+    """blk.0's q/k/v read the normed embeddings of the calibration windows: the entry is
+    diag(X^T X) / tokens, computed here from ggq.qwen3 independently of the solver."""
+    ckpt = Checkpoint(calibrated["ckpt"])
+    windows = calib.sample_windows(calibrated["ckpt"] / "tokenizer.json", calib.default_text(), 4, 64, 0)
+    w = qwen3.load_layer(ckpt, 0)
+    with torch.no_grad():
+        x = qwen3.attention_input(qwen3.embed(ckpt, torch.from_numpy(windows.tokens)), w, ckpt.hparams)
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float64).numpy()  # (tokens, n_embd)
+    want = np.diag(flat.T @ flat) / flat.shape[0]
+    values = load_imatrix(calibrated["gptq"])
+    for name in ("attn_q", "attn_k", "attn_v"):
+        np.testing.assert_allclose(values[f"blk.0.{name}.weight"], want, rtol=1e-5)
+    assert not np.allclose(values["blk.0.ffn_up.weight"], values["blk.1.ffn_up.weight"], rtol=1e-2)
+
+
+def test_save_imatrix_needs_a_calibrated_method(calibrated: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "x.gguf"
+    args = ["convert", str(calibrated["ckpt"]), "-o", str(out), "--save-imatrix", str(tmp_path / "i.gguf")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--save-imatrix: needs calibration activations" in result.output
+    assert not out.exists()

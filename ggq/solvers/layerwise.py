@@ -17,6 +17,10 @@ products run on ``SolverOptions.device`` (torch); the ggml encoders and the GPTQ
 on the CPU in numpy. The layer's weights live on the CPU (what the encoders read) with one device
 copy, refreshed only when a weight changes (fold, quantize, refit). On the CPU both are the same
 tensors and the results are those of the plain CPU code, bit for bit.
+
+Each linear's input energy (sum of x^2 per input column and the token count, llama.cpp's imatrix
+entry) is taken from the input it reads in the written model: with AWQ the folded model's, with
+the quantized tensors before it, and the refit norms applied.
 """
 
 from __future__ import annotations
