@@ -3,6 +3,9 @@
 The text is tokenized with the checkpoint's own ``tokenizer.json`` (the Hugging Face tokenizers
 library, as transformers would), and ``nsamples`` windows of ``seqlen`` tokens are drawn from
 it with a seeded generator, without overlap where the text is long enough.
+
+Instead of a file, a named public data set (``--calib-dataset``) can be read through the
+``datasets`` package when it is installed and online; ggq does not depend on it.
 """
 
 from __future__ import annotations
@@ -43,22 +46,111 @@ def read_text(path: Path) -> str:
         raise CalibrationError(f"{path}: not UTF-8 (byte offset {exc.start})") from exc
 
 
+@dataclass(frozen=True)
+class NamedDataset:
+    """A split of a Hugging Face data set, as ``datasets.load_dataset`` names it."""
+
+    path: str
+    config: str | None
+    split: str
+    data_files: str | None = None  # one shard of a large set
+    field: str = "text"
+
+
+DATASETS = {
+    "wikitext2": NamedDataset("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+    "c4": NamedDataset("allenai/c4", None, "validation", "en/c4-validation.00000-of-00008.json.gz"),
+    "pile": NamedDataset("mit-han-lab/pile-val-backup", None, "validation"),
+}
+OFFLINE_HINT = "use --calib FILE instead (the default, the text shipped with ggq, works offline)"
+CHARS_PER_TOKEN = 16  # text read from a data set: a generous bound on characters per token
+
+
+def check_dataset(name: str) -> NamedDataset:
+    if name not in DATASETS:
+        raise CalibrationError(f"--calib-dataset {name}: unknown; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def dataset_text(name: str, max_chars: int) -> str:
+    """The first records of the named data set, joined by blank lines up to ``max_chars``."""
+    spec = check_dataset(name)
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CalibrationError(
+            f"--calib-dataset {name}: the datasets package is not installed (pip install datasets); "
+            + OFFLINE_HINT
+        ) from exc
+    files = {spec.split: spec.data_files} if spec.data_files else None
+    try:
+        records = datasets.load_dataset(spec.path, spec.config, split=spec.split, data_files=files)
+    except (OSError, ValueError) as exc:  # offline, hub unreachable, set or split not found
+        reason = " ".join(str(exc).split())  # one line
+        raise CalibrationError(
+            f"--calib-dataset {name}: cannot load {spec.path} ({type(exc).__name__}: {reason}); "
+            + OFFLINE_HINT
+        ) from exc
+    parts, size = [], 0
+    for record in records:
+        parts.append(str(record[spec.field]))
+        size += len(parts[-1]) + 2
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)
+
+
 def sample_windows(
     tokenizer_json: Path, text_path: Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0
 ) -> Calibration:
+    text = read_text(text_path)
+    digest = hashlib.sha256(text_path.read_bytes()).hexdigest()
+    return sample_text(tokenizer_json, text, str(text_path), text_path.name, digest, nsamples, seqlen, seed)
+
+
+def sample_dataset(
+    tokenizer_json: Path, name: str, nsamples: int = 128, seqlen: int = 512, seed: int = 0
+) -> Calibration:
+    """Windows from ``--calib-dataset name`` (recorded as ``name:path/config/split``)."""
+    spec = check_dataset(name)
+    text = dataset_text(name, nsamples * seqlen * CHARS_PER_TOKEN)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    source = f"{name}:{'/'.join(p for p in (spec.path, spec.config, spec.split) if p)}"
+    return sample_text(
+        tokenizer_json, text, f"--calib-dataset {name}", source, digest, nsamples, seqlen, seed
+    )
+
+
+def _too_short(where: str, n_tokens: int, nsamples: int, seqlen: int) -> CalibrationError:
+    need = nsamples * seqlen
+    fit = n_tokens // seqlen
+    msg = f"{where}: the text has {n_tokens} tokens, but --nsamples {nsamples} x --seqlen {seqlen} needs {need}; "
+    if fit >= 1:
+        return CalibrationError(msg + f"use --nsamples {fit} (the most that fit) or a longer text")
+    return CalibrationError(
+        msg + f"it is shorter than one window of {seqlen}: use a longer text or a lower --seqlen"
+    )
+
+
+def sample_text(
+    tokenizer_json: Path,
+    text: str,
+    where: str,
+    source: str,
+    digest: str,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+) -> Calibration:
+    """``nsamples`` windows of ``seqlen`` tokens of ``text`` (named ``where`` in errors, recorded
+    as ``source`` with sha256 ``digest``)."""
     from tokenizers import Tokenizer
 
-    text = read_text(text_path)
     ids = np.asarray(
         Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids, dtype=np.int64
     )
-    need = nsamples * seqlen
-    if len(ids) < need:
-        fit = len(ids) // seqlen
-        raise CalibrationError(
-            f"{text_path}: {len(ids)} tokens, but --nsamples {nsamples} x --seqlen {seqlen} needs {need}; "
-            f"use --nsamples {fit} or less, or a longer text"
-        )
+    if len(ids) < nsamples * seqlen:
+        raise _too_short(where, len(ids), nsamples, seqlen)
     rng = np.random.default_rng(seed)
     n_windows = len(ids) // seqlen
     # disjoint windows: pick window slots, then a random offset inside the slack
@@ -66,5 +158,4 @@ def sample_windows(
     slack = len(ids) - n_windows * seqlen
     starts = slots * seqlen + int(rng.integers(0, slack + 1))
     tokens = np.stack([ids[s : s + seqlen] for s in starts])  # (nsamples, seqlen)
-    digest = hashlib.sha256(text_path.read_bytes()).hexdigest()
-    return Calibration(tokens=tokens, source=text_path.name, sha256=digest, seed=seed)
+    return Calibration(tokens=tokens, source=source, sha256=digest, seed=seed)

@@ -103,6 +103,11 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     help="Calibration text (gptq, awq); default: the public-domain text shipped with ggq.",
 )
 @click.option(
+    "--calib-dataset",
+    help="Instead of --calib: a named data set read through the datasets package, online "
+    "(wikitext2, c4, pile).",
+)
+@click.option(
     "--nsamples", type=click.IntRange(min=1), default=128, show_default=True, help="Calibration windows."
 )
 @click.option(
@@ -152,6 +157,7 @@ def convert(
     threads: int,
     bits: str | None,
     calib: Path | None,
+    calib_dataset: str | None,
     nsamples: int,
     seqlen: int,
     seed: int,
@@ -178,7 +184,7 @@ def convert(
                 token_embedding_type,
                 leave_output_tensor,
                 threads,
-                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device),
+                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
                 save_imatrix,
             ),
             dry_run=dry_run,

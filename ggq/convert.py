@@ -42,6 +42,7 @@ class CalibOptions:
     damp: float = 0.01
     act_order: bool = False  # GPTQ column order (gptq, awq+gptq)
     device: str = "auto"  # torch device of the calibration: auto (cuda when there is one), cpu, cuda
+    dataset: str | None = None  # a named data set (calib.DATASETS) instead of a text file
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,12 @@ def _solver_stream(
     types = {t.name: t.type for t in plan}
     check_targets(types, opts.method)
     device = resolve_device(opts.cal.device)
-    text = opts.cal.calib or calib.default_text()
-    windows = calib.sample_windows(
-        ckpt.path / "tokenizer.json", text, opts.cal.nsamples, opts.cal.seqlen, opts.cal.seed
-    )
+    cal, tokenizer = opts.cal, ckpt.path / "tokenizer.json"
+    if cal.dataset:
+        windows = calib.sample_dataset(tokenizer, cal.dataset, cal.nsamples, cal.seqlen, cal.seed)
+    else:
+        text = cal.calib or calib.default_text()
+        windows = calib.sample_windows(tokenizer, text, cal.nsamples, cal.seqlen, cal.seed)
     yield {
         "file": windows.source,
         "sha256": windows.sha256,
@@ -261,6 +264,10 @@ def cli_options(
     recipe.file_type(file_type)
     cal = cal or CalibOptions()
     resolve_device(cal.device)  # --device cuda without CUDA: one line before anything is read
+    if cal.dataset:
+        if cal.calib:
+            raise ConvertError("--calib and --calib-dataset: give one of them")
+        calib.check_dataset(cal.dataset)
     if save_imatrix and method == "rtn":
         raise ConvertError("--save-imatrix: needs calibration activations (--method gptq, awq or awq+gptq)")
     for _, qtype in tensor_types:
