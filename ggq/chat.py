@@ -150,12 +150,12 @@ class ChatSession:
             yield piece
 
     def _end_tokens(self) -> set[int]:
-        ends = {int(self.llm.token_eos())}
-        for text in END_OF_TURN:
-            ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
-            if len(ids) == 1:
-                ends.add(int(ids[0]))
-        return ends
+        """Every token llama.cpp ends a generation on (EOS, <|im_end|>, <|endoftext|>, FIM tokens, ...)."""
+        from ggq import native
+
+        llama_cpp = native.import_llama_cpp()
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        return {t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
 
 class ThinkPrinter:

@@ -89,7 +89,12 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(model: Path) -> None:
     )  # runs ~4,000 tokens
     term.expect(b"> ")
     term.send(b"Go on and on\r")
-    time.sleep(2)  # let it stream a while
+    term.expect(b"Go on and on\r\n")  # the echo; then wait for the reply to start streaming
+    deadline = time.monotonic() + 60
+    while len(term.seen) < 40 and time.monotonic() < deadline:
+        ready, _, _ = select.select([term.master], [], [], 0.1)
+        if ready:
+            term.seen += os.read(term.master, 4096)
     os.killpg(term.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
     term.expect(b"[stopped]")
     term.expect(b"> ")
