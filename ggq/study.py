@@ -29,6 +29,7 @@ from typing import Any
 
 from ggq import __version__, native
 from ggq.gguf import recipe as rc
+from ggq.hashing import sha256_file
 
 BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
@@ -70,14 +71,6 @@ class Entry:
     tasks: dict[str, float] = field(default_factory=dict)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
 
@@ -93,7 +86,7 @@ def checkpoint_digest(model: Path) -> str:
         raise StudyError(
             f"{model}: no .safetensors weights (a Hugging Face Qwen3 checkpoint folder is needed)"
         )
-    return _key(*(f"{n}:{_sha256_file(model / n)}" for n in names))
+    return _key(*(f"{n}:{sha256_file(model / n)}" for n in names))
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
@@ -133,7 +126,7 @@ class Study:
         from ggq import calib
 
         self.calib = cfg.calib or calib.default_text()
-        self.calib_sha = _sha256_file(self.calib)
+        self.calib_sha = sha256_file(self.calib)
         self.digest = checkpoint_digest(cfg.model)
         self.name = cfg.model.name
         self.gguf_dir = cfg.out / "gguf"
@@ -233,7 +226,7 @@ class Study:
 
         config = PerplexityConfig(n_ctx=self.cfg.n_ctx, n_chunks=self.cfg.chunks, n_threads=self.cfg.threads)
         for text in self.texts():
-            text_sha = _sha256_file(text)
+            text_sha = sha256_file(text)
             todo = []
             for e in [base, *entries]:
                 cached = self._result_path(e, text, text_sha, base)

@@ -12,15 +12,15 @@ Each (model, task file) score is cached as JSON by the file's content hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from ggq import native
+from ggq.eval.llama_tools import run_for
+from ggq.hashing import sha256_file
 
 KINDS = (
     ("hellaswag", "hellaswag*.txt", ["--hellaswag"]),
@@ -31,7 +31,6 @@ HELLASWAG_LINE = re.compile(r"^(\d+)\t([0-9.]+)%\t\[", re.M)
 # the running accuracy after each task (the tool prints its "Final" line only from 100 tasks on)
 WINOGRANDE_LINE = re.compile(r"^(\d+)\t([0-9.]+)\t\s*-?[0-9.]+\s+-?[0-9.]+\s+\d\s+\d$", re.M)
 MULTIPLE_CHOICE_LINE = re.compile(r"^(\d+)\t([0-9.]+)$", re.M)
-ATTEMPTS = 5  # the pinned llama-perplexity's logger can drop its last lines (llama.cpp issue 22142)
 
 
 class TaskError(ValueError):
@@ -69,23 +68,13 @@ def score(model: Path, kind: str, task_file: Path, threads: int = 0, n_ctx: int 
     threads = threads or len(os.sched_getaffinity(0))
     cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "-f", str(task_file), *flag]
     cmd += ["-t", str(threads), "-c", str(n_ctx), "-b", str(n_ctx)]
-    log = ""
-    for _ in range(ATTEMPTS):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        log = done.stdout + done.stderr
-        if done.returncode != 0:
-            break
-        found = parse_score(kind, log)
-        if found is not None:
-            return found
+    found, log = run_for(cmd, lambda text: parse_score(kind, text))
+    if found is not None:
+        return found
     tail = [line for line in log.splitlines() if line.strip()][-2:]
     raise TaskError(
         f"{task_file}: llama-perplexity {flag[0]} gave no score for {model.name}: {' / '.join(tail)}"
     )
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def run_tasks(
@@ -94,7 +83,7 @@ def run_tasks(
     """Task name -> accuracy (%) of ``model`` on every task file in ``folder``, cached in ``cache``."""
     scores = {}
     for name, kind, path in find_tasks(folder):
-        cached = cache / f"{model.stem}-task-{name}-{_sha(path)}.json"
+        cached = cache / f"{model.stem}-task-{name}-{sha256_file(path)[:12]}.json"
         if cached.exists():
             scores[name] = float(json.loads(cached.read_text())["accuracy"])
             continue

@@ -16,6 +16,7 @@ from ggq import native
 from ggq.eval.perplexity import PerplexityError
 from ggq.gguf import GGUFFormatError, read_gguf
 from ggq.gguf import recipe as rc
+from ggq.hashing import sha256_file
 
 FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in rc.FLOAT_TYPES}
 
@@ -26,14 +27,6 @@ def cache_dir() -> Path:
         return Path(os.environ["GGQ_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ggq"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_float_base(path: Path) -> str:
@@ -53,7 +46,7 @@ def q4_0_baseline(base: Path, n_threads: int = 0, cache: Path | None = None) -> 
     """Path of llama.cpp's Q4_0 of ``base``, made on first use (atomically) and cached."""
     check_float_base(base)
     mod = native.load()
-    key = hashlib.sha256(f"{file_sha256(base)}:{mod.LLAMA_CPP_COMMIT}:Q4_0".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{sha256_file(base)}:{mod.LLAMA_CPP_COMMIT}:Q4_0".encode()).hexdigest()[:20]
     folder = (cache or cache_dir()) / "baselines"
     out = folder / f"{base.stem}-{key}-llama.cpp-Q4_0.gguf"
     if out.is_file():

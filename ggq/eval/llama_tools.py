@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ggq import native
 
@@ -38,6 +40,7 @@ KLD_STATS = {
     "same_top": (r"Same top p:\s*" + _NUM + r"\s*±\s*" + _NUM),
 }
 ATTEMPTS = 5
+T = TypeVar("T")
 
 
 class LlamaToolError(RuntimeError):
@@ -84,36 +87,50 @@ def parse_kld_stats(log: str) -> dict[str, float]:
     return out
 
 
+def run_for(cmd: list[str], parse: Callable[[str], T | None]) -> tuple[T | None, str]:
+    """Run a llama.cpp tool until ``parse`` finds its result in the log (at most ATTEMPTS runs:
+    a log can lose its last lines, see above); (result or None, the last log)."""
+    log = ""
+    for _ in range(ATTEMPTS):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        log = done.stdout + done.stderr
+        if done.returncode != 0:
+            break
+        found = parse(log)
+        if found is not None:
+            return found, log
+    return None, log
+
+
+def _kld_run(
+    model: Path, base: Path, n_ctx: int, chunks: int, threads: int, parse: Callable[[str], T | None]
+) -> T:
+    cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base)]
+    found, log = run_for([*cmd, "--kl-divergence", *_common(n_ctx, chunks, threads)], parse)
+    if found is None:
+        raise LlamaToolError(f"llama-perplexity --kl-divergence gave no summary for {model}:\n{log[-3000:]}")
+    return found
+
+
+def _try_stats(log: str) -> dict[str, float] | None:
+    try:
+        return parse_kld_stats(log)
+    except LlamaToolError:
+        return None
+
+
+def _summary(log: str) -> dict[str, float] | None:
+    found = {key: re.search(pattern, log) for key, pattern in KLD_FIELDS.items()}
+    return {key: float(m.group(1)) for key, m in found.items() if m} if all(found.values()) else None
+
+
 def kld_stats(
     model: Path, base: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2
 ) -> dict[str, float]:
     """The whole --kl-divergence summary of ``model`` against a ``kld_base`` file (parse_kld_stats)."""
-    cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base)]
-    cmd += ["--kl-divergence", *_common(n_ctx, chunks, threads)]
-    log = ""
-    for _ in range(ATTEMPTS):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        log = done.stdout + done.stderr
-        if done.returncode != 0:
-            break
-        try:
-            return parse_kld_stats(log)
-        except LlamaToolError:
-            continue
-    raise LlamaToolError(f"llama-perplexity --kl-divergence gave no summary for {model}:\n{log[-3000:]}")
+    return _kld_run(model, base, n_ctx, chunks, threads, _try_stats)
 
 
 def kld(model: Path, base: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2) -> dict[str, float]:
     """PPL of ``model`` and of the base, mean KLD and same-top-1 (%) against a ``kld_base`` file."""
-    cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "--kl-divergence-base", str(base)]
-    cmd += ["--kl-divergence", *_common(n_ctx, chunks, threads)]
-    log = ""
-    for _ in range(ATTEMPTS):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        log = done.stdout + done.stderr
-        if done.returncode != 0:
-            break
-        found = {key: re.search(pattern, log) for key, pattern in KLD_FIELDS.items()}
-        if all(found.values()):
-            return {key: float(m.group(1)) for key, m in found.items() if m}
-    raise LlamaToolError(f"llama-perplexity --kl-divergence gave no summary for {model}:\n{log[-3000:]}")
+    return _kld_run(model, base, n_ctx, chunks, threads, _summary)
