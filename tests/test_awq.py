@@ -210,3 +210,15 @@ def test_clip_search_only_keeps_a_clip_that_lowers_the_output_error() -> None:
     clipped = awq.clip_search(w, "Q4_0", imp, h)
     assert err(clipped) <= err(w)
     assert np.all(np.abs(clipped) <= np.abs(w))
+
+
+def test_clip_error_pairwise_contraction_is_the_three_operand_einsum() -> None:
+    """clip_search contracts e H_b e^T in two einsum calls for speed; its choices (and the files)
+    stay those of the three-operand einsum only while the sums are the same bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, nb in ((256, 24), (768, 8), (128, 8)):
+        e = torch.randn(rows, nb, 32, generator=gen) * 0.01  # (rows, nb, unit)
+        x = torch.randn(nb, 256, 32, generator=gen)
+        hb = x.transpose(1, 2) @ x  # (nb, unit, unit)
+        pairwise = torch.einsum("rbj,rbj->rb", torch.einsum("rbi,bij->rbj", e, hb), e)
+        assert torch.equal(pairwise, torch.einsum("rbi,bij,rbj->rb", e, hb, e))

@@ -172,7 +172,9 @@ def clip_search(
         wc = torch.maximum(torch.minimum(wt, top * ratio), -top * ratio)
         q = torch.from_numpy(quantized_weights(wc.reshape(rows, cols).cpu().numpy(), type_name, importance))
         e = wt - q.to(h.device).view(rows, nb, unit)
-        err = torch.einsum("rbi,bij,rbj->rb", e, hb, e)  # (rows, nb)
+        # (rows, nb) e_b H_b e_b^T, contracted pairwise left to right as einsum does with three
+        # operands (the same sums, bit for bit), several times faster than the three-operand call
+        err = torch.einsum("rbj,rbj->rb", torch.einsum("rbi,bij->rbj", e, hb), e)
         if best_err is None:
             best_err = err
             continue

@@ -264,18 +264,19 @@ def solve_layer(
     def attn_in(b: torch.Tensor) -> torch.Tensor:
         return qwen3.attention_input(b, d, hp)
 
-    def o_in(b: torch.Tensor) -> torch.Tensor:
-        return qwen3.attention_core(qwen3.attention_input(b, d, hp), d, hp, rope)
+    def o_in(b: torch.Tensor) -> torch.Tensor:  # b: the attention input
+        return qwen3.attention_core(b, d, hp, rope)
 
     x = _batched(attn_in, h, opts.batch)
     if L.scale("attn_norm", lambda: x):
         x = _batched(attn_in, h, opts.batch)  # with the folded norm, as llama.cpp will compute it
     st = L.stats(x)
     L.quantize(("attn_q", "attn_k"), st)
-    L.scale("attn_v", lambda: _batched(o_in, h, opts.batch))  # v is unquantized until folded into
+    L.scale("attn_v", lambda: _batched(o_in, x, opts.batch))  # v is unquantized until folded into
     L.quantize(("attn_v",), st)
-    L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
-    x = _batched(o_in, h, opts.batch)
+    if L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st):
+        x = _batched(attn_in, h, opts.batch)  # the norm changed; otherwise x is still current
+    x = _batched(o_in, x, opts.batch)
     L.quantize(("attn_output",), L.stats(x))
     h = h + x @ d["attn_output"].T
     x = qwen3.mlp_input(h, d, hp)
