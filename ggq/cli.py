@@ -104,6 +104,7 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 )
 @click.option(
     "--calib-dataset",
+    metavar="NAME",
     help="Instead of --calib: a named data set read through the datasets package, online "
     "(wikitext2, c4, pile).",
 )
