@@ -98,7 +98,7 @@ class InputStats:
 
     mean_abs: np.ndarray  # (n_in,) AWQ's salience
     mean_sq: np.ndarray  # (n_in,) importance, as llama.cpp's imatrix stores it
-    sum_sq: np.ndarray  # (n_in,) float64 sum of x^2 over all tokens (an imatrix entry)
+    sum_sq: np.ndarray  # (n_in,) float64 sum of x^2 over all tokens (an imatrix entry), from mean_sq
     tokens: int
     h_sample: torch.Tensor  # (n_in, n_in) float32 sum of x x^T over evenly strided tokens, on x's device
     h_full: np.ndarray | None  # (n_in, n_in) float64 over all tokens, for GPTQ
@@ -107,11 +107,11 @@ class InputStats:
     def of(cls, x: torch.Tensor, search_tokens: int, full: bool) -> InputStats:
         flat = x.reshape(-1, x.shape[-1])  # (tokens, n_in)
         sample = flat[:: max(1, flat.shape[0] // search_tokens)]
-        sq = flat.pow(2)
+        mean_sq = flat.pow(2).mean(0).cpu().numpy()
         return cls(
             mean_abs=flat.abs().mean(0).cpu().numpy().astype(np.float64),
-            mean_sq=sq.mean(0).cpu().numpy(),
-            sum_sq=sq.sum(0, dtype=torch.float64).cpu().numpy(),
+            mean_sq=mean_sq,
+            sum_sq=mean_sq.astype(np.float64) * flat.shape[0],  # float32 precision, as llama-imatrix sums
             tokens=flat.shape[0],
             h_sample=sample.T @ sample,
             h_full=hessian(x) if full else None,
