@@ -7,7 +7,6 @@ streams it into an atomic GGUF writer.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from ggq.checkpoint import Checkpoint
 from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
+from ggq.hashing import sha256_file
 from ggq.imatrix import save_imatrix
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
 
@@ -106,14 +106,6 @@ def bits_per_weight(tensors: list[PlannedTensor]) -> float:
 def default_output_name(ckpt: Checkpoint, file_type: str) -> str:
     basename, size = name_and_size(ckpt)
     return f"{basename}-{size}-{recipe.file_type(file_type).name}.gguf"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per chunk: memory is bounded by chunks in flight, not the model
@@ -213,7 +205,7 @@ def convert(
         method=opts.method,
         recipe=ft.name,
         imatrix_file=opts.imatrix.name if opts.imatrix else None,
-        imatrix_sha256=_sha256(opts.imatrix) if opts.imatrix else None,
+        imatrix_sha256=sha256_file(opts.imatrix) if opts.imatrix else None,
         calibration=calib_meta,
     )
     threads = opts.threads or os.cpu_count() or 1
