@@ -47,3 +47,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prose(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real text for the fixtures: the first 12,000 bytes of the held-out book text (several
+    128-token chunks for the fixtures' vocabulary)."""
+    path = tmp_path_factory.mktemp("prose") / "prose.txt"
+    path.write_bytes((shared_data / "gutenberg-heldout" / "heldout.txt").read_bytes()[:12_000])
+    return path

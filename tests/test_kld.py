@@ -66,14 +66,6 @@ def tied(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {t: to_gguf(checkpoint("tied"), out / f"tied-{t}.gguf", t) for t in ("F32", "Q4_0", "Q8_0")}
 
 
-@pytest.fixture(scope="module")
-def prose(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = (shared_data / "gutenberg-heldout" / "heldout.txt").read_bytes()[:12_000]
-    path = tmp_path_factory.mktemp("kld-text") / "prose.txt"
-    path.write_bytes(text)
-    return path
-
-
 @pytest.mark.parametrize("file_type", ["Q4_0", "Q8_0"])
 def test_fixture_kld_equals_llama_perplexity(
     tied: dict[str, Path], prose: Path, file_type: str, tmp_path: Path

@@ -70,15 +70,6 @@ def tied(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {t: to_gguf(checkpoint("tied"), out / f"tied-{t}.gguf", t) for t in ("F32", "Q8_0")}
 
 
-@pytest.fixture(scope="module")
-def prose(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real text, a few chunks of 128 tokens for the 1,024-token fixture vocabulary."""
-    text = (shared_data / "gutenberg-heldout" / "heldout.txt").read_bytes()[:12_000]
-    path = tmp_path_factory.mktemp("ppl-text") / "prose.txt"
-    path.write_bytes(text)
-    return path
-
-
 @pytest.mark.parametrize("file_type", ["F32", "Q8_0"])
 def test_fixture_ppl_equals_llama_perplexity(tied: dict[str, Path], prose: Path, file_type: str) -> None:
     """Default batch 2048 at ctx 128: 16 chunks side by side per decode, as llama-perplexity does."""

@@ -17,13 +17,6 @@ from ggq.study import Study, StudyConfig, StudyError
 
 
 @pytest.fixture(scope="module")
-def prose(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("study-text") / "prose.txt"
-    path.write_bytes((shared_data / "gutenberg-heldout" / "heldout.txt").read_bytes()[:12_000])
-    return path
-
-
-@pytest.fixture(scope="module")
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Hand-made task files in llama.cpp's three formats."""
     d = tmp_path_factory.mktemp("tasks")
