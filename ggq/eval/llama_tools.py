@@ -39,7 +39,7 @@ KLD_STATS = {
     "dp_rms": (r"RMS Δp\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
     "same_top": (r"Same top p:\s*" + _NUM + r"\s*±\s*" + _NUM),
 }
-ATTEMPTS = 5
+ATTEMPTS = 8
 T = TypeVar("T")
 
 
