@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from ggq import __version__
-
-BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
+from ggq.gguf.recipe import BITS_RECIPES
 
 
 class UserError(click.ClickException):

@@ -31,7 +31,6 @@ from ggq import __version__, native
 from ggq.gguf import recipe as rc
 from ggq.hashing import sha256_file
 
-BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 REFERENCES = ("llama.cpp RTN", "llama.cpp imatrix")
 
@@ -108,8 +107,8 @@ class Study:
             if m not in METHODS:
                 raise StudyError(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
         for b in cfg.bits:
-            if b not in BITS_RECIPES:
-                raise StudyError(f"--bits: {b!r} is not one of {', '.join(BITS_RECIPES)}")
+            if b not in rc.BITS_RECIPES:
+                raise StudyError(f"--bits: {b!r} is not one of {', '.join(rc.BITS_RECIPES)}")
         if cfg.base_type not in rc.FLOAT_TYPES:
             raise StudyError(f"--base-type {cfg.base_type}: expected one of {', '.join(rc.FLOAT_TYPES)}")
         if not cfg.model.is_dir():
@@ -155,7 +154,7 @@ class Study:
         return Entry("base", "32" if t == "F32" else "16", t, path)
 
     def quant(self, method: str, bits: str) -> Entry:
-        t = BITS_RECIPES[bits]
+        t = rc.BITS_RECIPES[bits]
         key = _key(
             self.digest,
             t,
@@ -199,7 +198,7 @@ class Study:
         return path
 
     def reference(self, name: str, bits: str, base: Entry, imatrix: Path | None) -> Entry:
-        t = BITS_RECIPES[bits]
+        t = rc.BITS_RECIPES[bits]
         path = self._path(t, name, _key(base.path.name, t, imatrix.name if imatrix else ""))
         if not path.exists():
             self.log(f"llama-quantize {t}" + (" --imatrix" if imatrix else ""))

@@ -90,19 +90,20 @@ class KldAccumulator:
     """Per-token values of the chunks evaluated so far; summarized by :meth:`stats`."""
 
     parts: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in FIELDS})
+    count: int = 0
+    nll_sum: float = 0.0  # running sums for progress lines (stats() recomputes everything)
+    kld_sum: float = 0.0
 
     def add(self, tokens: dict[str, np.ndarray]) -> None:
         for k in FIELDS:
             self.parts[k].append(np.asarray(tokens[k]).reshape(-1))
-
-    def __len__(self) -> int:
-        return sum(len(a) for a in self.parts["kld"])
+        self.count += self.parts["kld"][-1].size
+        self.nll_sum += float(self.parts["nll"][-1].sum(dtype=np.float64))
+        self.kld_sum += float(self.parts["kld"][-1].sum())
 
     def running(self) -> tuple[float, float]:
-        """(PPL(Q), mean KLD) so far, for progress lines."""
-        nll = np.concatenate(self.parts["nll"]).astype(np.float64)
-        kld = np.concatenate(self.parts["kld"])
-        return math.exp(float(nll.mean())), float(kld.mean())
+        """(PPL(Q), mean KLD) so far, for progress lines, without re-reading the chunks done."""
+        return math.exp(self.nll_sum / self.count), self.kld_sum / self.count
 
     def stats(self) -> KldStats:
         a = {k: np.concatenate(v) for k, v in self.parts.items()}

@@ -64,6 +64,8 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("BF16", 32, "BF16"),
     )
 }
+# `--bits N` of convert and study: the llama.cpp-style recipe for N bits
+BITS_RECIPES = {"2": "Q2_K", "3": "Q3_K_M", "4": "Q4_K_M", "5": "Q5_K_M", "6": "Q6_K", "8": "Q8_0"}
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 # where llama-quantize demotes a type whose block does not divide the row length
