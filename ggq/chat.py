@@ -10,6 +10,7 @@ recommended ones for the current mode unless given explicitly.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class ChatSession:
     think: bool = True
     sampling: Sampling = field(default_factory=Sampling)
     messages: list[dict[str, str]] = field(default_factory=list)
+    finish_reason: str | None = None  # why the last reply ended, as llama-cpp-python says
 
     def __post_init__(self) -> None:
         from ggq import native
@@ -142,13 +144,17 @@ class ChatSession:
         params = self.sampling.resolve(self.think)
         params["max_tokens"] = min(params["max_tokens"], self.n_ctx - len(tokens))
         seed = self.sampling.seed if self.sampling.seed >= 0 else None
+        if self.sampling.ignore_eos:
+            params["logit_bias"] = {t: float("-inf") for t in self._end_tokens}
         for chunk in self.llm.create_completion(
             tokens, stream=True, stop=list(END_OF_TURN), seed=seed, **params
         ):
             piece = chunk["choices"][0]["text"]
+            self.finish_reason = chunk["choices"][0]["finish_reason"]  # "stop" / "length" at the end
             reply["content"] += piece
             yield piece
 
+    @functools.cached_property
     def _end_tokens(self) -> set[int]:
         """Every token llama.cpp ends a generation on (EOS, <|im_end|>, <|endoftext|>, FIM tokens, ...)."""
         from ggq import native

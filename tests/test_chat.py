@@ -141,6 +141,19 @@ def test_template_and_soft_switches(model: Path) -> None:
     )
 
 
+def test_ignore_eos_runs_to_max_tokens(model: Path) -> None:
+    """--ignore-eos: no end-of-generation token can be sampled, so only -n ends the reply. Seed 1
+    is one whose reply, without it, ends on an end-of-generation token (checked first)."""
+    sampling = chat.Sampling(max_tokens=480, seed=1)
+    session = chat.ChatSession(model, n_ctx=512, think=False, sampling=sampling)
+    "".join(session.stream("Hello"))
+    assert session.finish_reason == "stop"
+    sampling.ignore_eos = True
+    session.reset()
+    assert "".join(session.stream("Hello")) and session.finish_reason == "length"
+    assert len(session._end_tokens) >= 2
+
+
 def test_think_block_goes_to_its_own_stream_even_when_tags_are_split() -> None:
     out, thoughts = io.StringIO(), io.StringIO()
     printer = chat.ThinkPrinter(out, thoughts)
