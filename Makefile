@@ -23,7 +23,7 @@ demo: install
 	$(PY) tools/demo.py
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
