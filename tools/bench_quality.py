@@ -3,11 +3,13 @@
 For each type, side by side in one run, on the same F32 GGUF (written by ggq) and text:
   llama.cpp RTN       llama-quantize F32 -> TYPE
   llama.cpp imatrix   llama-imatrix on the calibration text, then llama-quantize --imatrix
-  ggq rtn / ggq gptq  ggq convert --method rtn|gptq --type TYPE
+  ggq METHOD          ggq convert --method METHOD --type TYPE (--methods, default rtn,gptq)
 and prints file size, PPL, ΔPPL, mean KLD against F32 and same-top-1, from llama-perplexity's
---kl-divergence output, as a markdown table.
+--kl-divergence output, as a markdown table per text (--text may be given more than once).
 
-    .venv/bin/python tools/bench_quality.py --types Q4_0,Q4_K_M,Q3_K_M,Q2_K --chunks 232
+    .venv/bin/python tools/bench_quality.py --types Q4_0,Q4_K_M,Q3_K_M,Q2_K --chunks 232 \
+        --methods rtn,gptq,awq,awq+gptq --text ../shared/data/gutenberg-heldout/heldout.txt \
+        --text ../shared/data/wikitext-2-raw/wiki.test.raw
 """
 
 from __future__ import annotations
@@ -38,18 +40,18 @@ def main() -> int:
     ap.add_argument(
         "--calib", type=Path, default=SHARED / "data" / "calibration" / "gutenberg-train-sample.txt"
     )
-    ap.add_argument("--text", type=Path, default=SHARED / "data" / "gutenberg-heldout" / "heldout.txt")
+    ap.add_argument("--text", type=Path, action="append", help="judged text (repeatable; default: held-out)")
     ap.add_argument("--types", default="Q4_0,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--chunks", type=int, default=232)
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_quality")
     args = ap.parse_args()
+    texts: list[Path] = args.text or [SHARED / "data" / "gutenberg-heldout" / "heldout.txt"]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     ggq = [sys.executable, "-m", "ggq.cli", "convert", str(args.model), "--force"]
     f32 = work / "F32.gguf"
     run([*ggq, "--type", "F32", "-o", str(f32)])
-    base = llama_tools.kld_base(f32, args.text, work / "f32.kld", chunks=args.chunks)
     imatrix = work / "imatrix.gguf"
     run(
         [
@@ -68,25 +70,24 @@ def main() -> int:
             "2",
         ]
     )
-    rows = []
+    files: dict[tuple[str, str], Path] = {}
     for t in args.types.split(","):
-        files = {}
-        files["llama.cpp RTN"] = work / f"lq-{t}.gguf"
-        run([str(native.tool_path("llama-quantize")), str(f32), str(files["llama.cpp RTN"]), t, "2"])
-        files["llama.cpp imatrix"] = work / f"lqi-{t}.gguf"
+        files[t, "llama.cpp RTN"] = work / f"lq-{t}.gguf"
+        run([str(native.tool_path("llama-quantize")), str(f32), str(files[t, "llama.cpp RTN"]), t, "2"])
+        files[t, "llama.cpp imatrix"] = work / f"lqi-{t}.gguf"
         run(
             [
                 str(native.tool_path("llama-quantize")),
                 "--imatrix",
                 str(imatrix),
                 str(f32),
-                str(files["llama.cpp imatrix"]),
+                str(files[t, "llama.cpp imatrix"]),
                 t,
                 "2",
             ]
         )
         for method in args.methods.split(","):
-            files[f"ggq {method}"] = work / f"ggq-{method}-{t}.gguf"
+            files[t, f"ggq {method}"] = work / f"ggq-{method}-{t}.gguf"
             start = time.perf_counter()
             run(
                 [
@@ -98,11 +99,14 @@ def main() -> int:
                     "--calib",
                     str(args.calib),
                     "-o",
-                    str(files[f"ggq {method}"]),
+                    str(files[t, f"ggq {method}"]),
                 ]
             )
             print(f"ggq {method} {t}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        for label, path in files.items():
+    for text in texts:
+        base = llama_tools.kld_base(f32, text, work / "f32.kld", chunks=args.chunks)
+        rows = []
+        for (t, label), path in files.items():
             r = llama_tools.kld(path, base, chunks=args.chunks)
             rows.append(
                 (
@@ -115,14 +119,29 @@ def main() -> int:
                     r["top1"],
                 )
             )
-    print(
-        f"qwen3-micro, held-out text {args.text.name}, {args.chunks} chunks of 512, F32 PPL {r['ppl_base']:.3f} "
-        f"(llama-perplexity --kl-divergence against ggq's F32 GGUF)\n"
-    )
-    print("| type | quant | MiB | PPL | ΔPPL | mean KLD | same top-1 |")
-    print("|---|---|---|---|---|---|---|")
-    for t, label, mib, ppl, dppl, k, top in rows:
-        print(f"| {t} | {label} | {mib:.2f} | {ppl:.3f} | {dppl:+.3f} | {k:.5f} | {top:.2f}% |")
+        (work / "f32.kld").unlink()
+        print(
+            f"\n{args.model.name}, {text.name}, {args.chunks} chunks of 512, F32 PPL {r['ppl_base']:.3f} "
+            f"(llama-perplexity --kl-divergence against ggq's F32 GGUF; calibration {args.calib.name})\n"
+        )
+        print("| type | quant | MiB | PPL | ΔPPL | mean KLD | same top-1 |")
+        print("|---|---|---|---|---|---|---|")
+        for t, label, mib, ppl, dppl, k, top in rows:
+            print(f"| {t} | {label} | {mib:.2f} | {ppl:.3f} | {dppl:+.3f} | {k:.5f} | {top:.2f}% |")
+        by = {(t, label): (k, top) for t, label, _, _, _, k, top in rows}
+        print("\nggq against llama.cpp imatrix of the same type (KLD ratio, same-top-1 difference):")
+        for t, label in files:
+            if label.startswith("ggq ") and (t, "llama.cpp imatrix") in by:
+                (k, top), (ki, topi) = by[t, label], by[t, "llama.cpp imatrix"]
+                verdict = "better" if k < ki and top > topi else "NOT better"
+                print(f"  {t} {label}: KLD {k / ki:.3f}x, top-1 {top - topi:+.2f} points ({verdict})")
+        if (q4 := [by[key][0] for key in by if key[0] == "Q4_0" and key[1].startswith("ggq ")]) and (
+            "Q4_0",
+            "llama.cpp RTN",
+        ) in by:
+            print(
+                f"  Q4_0 best ggq KLD / llama.cpp RTN Q4_0: {min(q4) / by['Q4_0', 'llama.cpp RTN'][0]:.3f}x"
+            )
     return 0
 
 
