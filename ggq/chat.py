@@ -11,6 +11,7 @@ recommended ones for the current mode unless given explicitly.
 from __future__ import annotations
 
 import functools
+import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ class ChatSession:
     think: bool = True
     sampling: Sampling = field(default_factory=Sampling)
     messages: list[dict[str, str]] = field(default_factory=list)
-    finish_reason: str | None = None  # why the last reply ended, as llama-cpp-python says
+    finish_reason: str | None = None  # why the last reply ended: "stop" (end of turn) or "length"
+    reply_tokens: list[int] = field(default_factory=list)  # the last reply's tokens
 
     def __post_init__(self) -> None:
         from ggq import native
@@ -141,17 +143,56 @@ class ChatSession:
             )
         reply = {"role": "assistant", "content": ""}
         self.messages.append(reply)
-        params = self.sampling.resolve(self.think)
-        params["max_tokens"] = min(params["max_tokens"], self.n_ctx - len(tokens))
-        seed = self.sampling.seed if self.sampling.seed >= 0 else None
-        if self.sampling.ignore_eos:
-            params["logit_bias"] = {t: float("-inf") for t in self._end_tokens}
-        for chunk in self.llm.create_completion(
-            tokens, stream=True, stop=list(END_OF_TURN), seed=seed, **params
-        ):
-            piece = chunk["choices"][0]["text"]
-            self.finish_reason = chunk["choices"][0]["finish_reason"]  # "stop" / "length" at the end
+        for piece in self._generate(tokens, self.sampling.resolve(self.think)):
             reply["content"] += piece
+            yield piece
+
+    def _generate(self, prompt: list[int], params: dict[str, Any]) -> Iterator[str]:
+        """Sample from ``prompt`` and yield the text as it completes; ends on an end-of-generation
+        token or an end-of-turn string (finish "stop") or after max_tokens ("length").
+        llama-cpp-python's streaming create_completion re-detokenizes the whole reply after every
+        token (quadratic: 35 s for 400 tokens of Qwen3's vocabulary) and can overrun max_tokens
+        on split UTF-8; here each token is detokenized once (ReplyText)."""
+        import numpy as np
+
+        from ggq import native
+
+        llama_cpp = native.import_llama_cpp()
+        llm = self.llm
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        seed = self.sampling.seed
+        llm.set_seed(seed if seed >= 0 else random.Random().randint(0, 2**32))
+        banned = np.fromiter(self._end_tokens, dtype=np.int64) if self.sampling.ignore_eos else None
+
+        def ban_end_tokens(_ids: Any, scores: Any) -> Any:
+            scores[banned] = -np.inf
+            return scores
+
+        limit = min(params["max_tokens"], self.n_ctx - len(prompt))
+        text = ReplyText()
+        self.finish_reason, self.reply_tokens = "length", []
+        generator = llm.generate(
+            prompt,
+            top_k=params["top_k"],
+            top_p=params["top_p"],
+            min_p=params["min_p"],
+            temp=params["temperature"],
+            logits_processor=[ban_end_tokens] if banned is not None else None,
+        )
+        for token in generator:
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                self.finish_reason = "stop"
+                break
+            self.reply_tokens.append(token)
+            if piece := text.feed(llm.detokenize([token])):
+                yield piece
+            if text.stopped:
+                self.finish_reason = "stop"
+                break
+            if len(self.reply_tokens) >= limit:
+                break
+        generator.close()
+        if piece := text.flush():
             yield piece
 
     @functools.cached_property
@@ -162,6 +203,44 @@ class ChatSession:
         llama_cpp = native.import_llama_cpp()
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         return {t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+
+class ReplyText:
+    """A reply's bytes, token by token, in; the text that is safe to show out. An incremental
+    UTF-8 decoder holds back a character split across tokens (invalid bytes are dropped, as
+    llama-cpp-python does); a tail that may begin an end-of-turn string is held back until it
+    cannot, and the text stops before one (``stopped``)."""
+
+    def __init__(self, stops: tuple[str, ...] = END_OF_TURN) -> None:
+        import codecs
+
+        self.stops = stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, data: bytes) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(data)
+        at = min((i for i in (self.pending.find(e) for e in self.stops) if i >= 0), default=-1)
+        if at >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:at], ""
+            return out
+        keep = max(
+            (k for e in self.stops for k in range(1, len(e)) if self.pending.endswith(e[:k])), default=0
+        )
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """What is held back, at the end of the reply."""
+        if self.stopped:
+            return ""
+        out, self.pending = self.pending + self.decoder.decode(b"", final=True), ""
+        return out
 
 
 class ThinkPrinter:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -151,7 +152,38 @@ def test_ignore_eos_runs_to_max_tokens(model: Path) -> None:
     sampling.ignore_eos = True
     session.reset()
     assert "".join(session.stream("Hello")) and session.finish_reason == "length"
+    assert len(session.reply_tokens) == 480  # exactly -n, even where tokens split a character
     assert len(session._end_tokens) >= 2
+
+
+def test_a_long_reply_detokenizes_each_token_once(model: Path) -> None:
+    """llama-cpp-python's streaming create_completion re-detokenizes the whole reply after every
+    token (400 tokens of this vocabulary took 35 s through it, 73,832 detokenize calls): the
+    work per token must not grow with the reply."""
+    session = chat.ChatSession(
+        model, n_ctx=1024, think=False, sampling=chat.Sampling(max_tokens=600, seed=3, ignore_eos=True)
+    )
+    calls: list[int] = []
+    detokenize = session.llm.detokenize
+
+    def counted(tokens: list[int], *args: Any, **kwargs: Any) -> bytes:
+        calls.append(len(tokens))
+        return detokenize(tokens, *args, **kwargs)
+
+    session.llm.detokenize = counted  # type: ignore[method-assign]
+    assert "".join(session.stream("Hello"))
+    assert len(session.reply_tokens) == 600 and calls == [1] * 600
+
+
+def test_reply_text_holds_back_split_characters_and_end_of_turn() -> None:
+    text = chat.ReplyText()
+    assert text.feed(b"caf\xc3") == "caf" and text.feed(b"\xa9 ") == "\u00e9 "  # é in two tokens
+    assert text.feed(b"done<|im") == "done" and text.feed(b"_") == ""  # maybe an end of turn
+    assert text.feed(b"end|>more") == "" and text.stopped and text.flush() == ""
+    other = chat.ReplyText()
+    assert other.feed(b"a <|i") == "a " and other.feed(b"s it?") == "<|is it?"  # not one after all
+    assert other.feed(b"\xff ok") == " ok"  # invalid bytes are dropped
+    assert other.feed(b"<") == "" and other.flush() == "<" and not other.stopped
 
 
 def test_think_block_goes_to_its_own_stream_even_when_tags_are_split() -> None:
