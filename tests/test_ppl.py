@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,19 @@ from click.testing import CliRunner
 
 from ggq import native
 from ggq.cli import main
+from ggq.eval import llama_tools
 from ggq.eval import perplexity as pp
 from ggq.gguf import read_gguf
 from tests.test_convert import to_gguf
 
-FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 THREADS = 2
 
 
 def llama_perplexity(
     gguf: Path, text: Path, n_ctx: int, chunks: int, n_batch: int | None = None
 ) -> tuple[float, float]:
-    args = [str(native.tool_path("llama-perplexity")), "-m", str(gguf), "-f", str(text), "-c", str(n_ctx)]
-    args += ["--chunks", str(chunks), "-t", str(THREADS)] + (["-b", str(n_batch)] if n_batch else [])
-    # At this pin the tool's asynchronous logger can exit with its last lines unprinted (about one
-    # run in ten, exit code 0; llama.cpp issue 22142): run it again rather than fail on that.
-    for _ in range(5):
-        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-        found = FINAL.search(out.stdout + out.stderr)
-        if found:
-            return float(found.group(1)), float(found.group(2))
-    raise AssertionError((out.stdout + out.stderr)[-3000:])
+    """llama-perplexity's own "Final estimate" (rerun when its log lost the last lines)."""
+    return llama_tools.ppl(gguf, text, n_ctx, chunks, THREADS, n_batch)
 
 
 def ggq_ppl(gguf: Path, text: Path, n_ctx: int, chunks: int, n_batch: int | None = None) -> dict:

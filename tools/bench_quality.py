@@ -105,6 +105,8 @@ def main() -> int:
             print(f"ggq {method} {t}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     for text in texts:
         base = llama_tools.kld_base(f32, text, work / "f32.kld", chunks=args.chunks)
+        # ΔPPL against the plain F32 PPL: --kl-divergence's "Mean PPL(base)" reads low (16-bit logits)
+        f32_ppl, _ = llama_tools.ppl(f32, text, chunks=args.chunks)
         rows = []
         for (t, label), path in files.items():
             r = llama_tools.kld(path, base, chunks=args.chunks)
@@ -114,14 +116,14 @@ def main() -> int:
                     label,
                     path.stat().st_size / 2**20,
                     r["ppl"],
-                    r["ppl"] - r["ppl_base"],
+                    r["ppl"] - f32_ppl,
                     r["kld"],
                     r["top1"],
                 )
             )
         (work / "f32.kld").unlink()
         print(
-            f"\n{args.model.name}, {text.name}, {args.chunks} chunks of 512, F32 PPL {r['ppl_base']:.3f} "
+            f"\n{args.model.name}, {text.name}, {args.chunks} chunks of 512, F32 PPL {f32_ppl:.3f} "
             f"(llama-perplexity --kl-divergence against ggq's F32 GGUF; calibration {args.calib.name})\n"
         )
         print("| type | quant | MiB | PPL | ΔPPL | mean KLD | same top-1 |")

@@ -49,7 +49,7 @@ def main() -> int:
     r = llama_tools.kld(ours, base, chunks=CHUNKS)
     console.print(
         f"[bold]llama-perplexity --kl-divergence on ggq's file:[/bold] PPL {r['ppl']:.4f} "
-        f"(F32 {r['ppl_base']:.4f}), mean KLD {r['kld']:.6f}, same top p {r['top1']:.3f}%"
+        f"(F32 from its stored 16-bit log-probs {r['ppl_base']:.4f}), mean KLD {r['kld']:.6f}, same top p {r['top1']:.3f}%"
     )
 
     llama_cpp = native.import_llama_cpp()
