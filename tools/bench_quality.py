@@ -104,9 +104,9 @@ def main() -> int:
             )
             print(f"ggq {method} {t}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     for text in texts:
-        base = llama_tools.kld_base(f32, text, work / "f32.kld", chunks=args.chunks)
         # ΔPPL against the plain F32 PPL: --kl-divergence's "Mean PPL(base)" reads low (16-bit logits)
-        f32_ppl, _ = llama_tools.ppl(f32, text, chunks=args.chunks)
+        base = work / "f32.kld"
+        f32_ppl, _ = llama_tools.ppl(f32, text, chunks=args.chunks, kl_divergence_base=base)
         rows = []
         for (t, label), path in files.items():
             r = llama_tools.kld(path, base, chunks=args.chunks)
@@ -137,13 +137,10 @@ def main() -> int:
                 (k, top), (ki, topi) = by[t, label], by[t, "llama.cpp imatrix"]
                 verdict = "better" if k < ki and top > topi else "NOT better"
                 print(f"  {t} {label}: KLD {k / ki:.3f}x, top-1 {top - topi:+.2f} points ({verdict})")
-        if (q4 := [by[key][0] for key in by if key[0] == "Q4_0" and key[1].startswith("ggq ")]) and (
-            "Q4_0",
-            "llama.cpp RTN",
-        ) in by:
-            print(
-                f"  Q4_0 best ggq KLD / llama.cpp RTN Q4_0: {min(q4) / by['Q4_0', 'llama.cpp RTN'][0]:.3f}x"
-            )
+        q4 = [k for (t, label), (k, _) in by.items() if t == "Q4_0" and label.startswith("ggq ")]
+        if q4 and ("Q4_0", "llama.cpp RTN") in by:
+            ratio = min(q4) / by["Q4_0", "llama.cpp RTN"][0]
+            print(f"  Q4_0 best ggq KLD / llama.cpp RTN Q4_0: {ratio:.3f}x")
     return 0
 
 

@@ -54,37 +54,35 @@ def _common(n_ctx: int, chunks: int, threads: int) -> list[str]:
 
 def kld_base(f32: Path, text: Path, out: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2) -> Path:
     """Save the base model's log-probabilities over ``text`` (llama-perplexity --kl-divergence-base)."""
-    cmd = [
-        str(native.tool_path("llama-perplexity")),
-        "-m",
-        str(f32),
-        "-f",
-        str(text),
-        *_common(n_ctx, chunks, threads),
-    ]
-    done = subprocess.run([*cmd, "--kl-divergence-base", str(out)], capture_output=True, text=True)
-    if done.returncode != 0 or not out.is_file():
-        raise LlamaToolError(
-            f"llama-perplexity --kl-divergence-base failed:\n{(done.stdout + done.stderr)[-3000:]}"
-        )
+    ppl(f32, text, n_ctx, chunks, threads, kl_divergence_base=out)
     return out
 
 
 def ppl(
-    model: Path, text: Path, n_ctx: int = 512, chunks: int = 40, threads: int = 2, n_batch: int | None = None
+    model: Path,
+    text: Path,
+    n_ctx: int = 512,
+    chunks: int = 40,
+    threads: int = 2,
+    n_batch: int | None = None,
+    kl_divergence_base: Path | None = None,
 ) -> tuple[float, float]:
-    """Plain llama-perplexity over ``text``: its "Final estimate" (PPL, ±). The base PPL to subtract
-    from a --kl-divergence run's "Mean PPL(Q)": that run's "Mean PPL(base)" is computed from the
-    16-bit stored base log-probs (those more than 16 below the max clamped), so it reads low
-    (qwen3-micro F32, held-out, 232 chunks: 87.529 against the plain 89.058)."""
+    """Plain llama-perplexity over ``text``: its "Final estimate" (PPL, ±); with
+    ``kl_divergence_base`` the same run also saves the base log-probs there (kld_base). This is
+    the base PPL to subtract from a --kl-divergence run's "Mean PPL(Q)": that run's "Mean
+    PPL(base)" is computed from the 16-bit stored base log-probs (those more than 16 below the
+    max clamped), so it reads low (qwen3-micro F32, held-out, 232 chunks: 87.529 against 89.058)."""
     cmd = [str(native.tool_path("llama-perplexity")), "-m", str(model), "-f", str(text)]
+    cmd += [*_common(n_ctx, chunks, threads), *(["-b", str(n_batch)] if n_batch else [])]
+    if kl_divergence_base is not None:
+        cmd += ["--kl-divergence-base", str(kl_divergence_base)]
 
     def final(log: str) -> tuple[float, float] | None:
         m = FINAL.search(log)
-        return (float(m.group(1)), float(m.group(2))) if m else None
+        saved = kl_divergence_base is None or kl_divergence_base.is_file()
+        return (float(m.group(1)), float(m.group(2))) if m and saved else None
 
-    batch = ["-b", str(n_batch)] if n_batch else []
-    found, log = run_for([*cmd, *_common(n_ctx, chunks, threads), *batch], final)
+    found, log = run_for(cmd, final)
     if found is None:
         raise LlamaToolError(f"llama-perplexity gave no final estimate for {model}:\n{log[-3000:]}")
     return found
