@@ -56,9 +56,11 @@ $(VENV)/.native: $(VENV)/.deps $(VENDOR_STAMP) $(NATIVE_SOURCES)
 	$(PIP) install --no-build-isolation --no-deps -e . -Cbuild.verbose=false
 	touch $@
 
-# llama-cpp-python's Python layer only (LLAMA_BUILD=OFF): it loads ggq's libllama.
-$(VENV)/.llama-cpp-python: $(VENV)/.deps $(VENDOR_STAMP)
+# llama-cpp-python's Python layer only (LLAMA_BUILD=OFF), its lib/ a link to ggq's libllama:
+# a plain `import llama_cpp` in this environment loads the one build.
+$(VENV)/.llama-cpp-python: $(VENV)/.deps $(VENDOR_STAMP) $(VENV)/.native
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install -q --no-build-isolation --no-deps $(SDIST)
+	$(PY) -c "from ggq import native; print('llama-cpp-python uses', native.bind_llama_cpp().resolve())"
 	touch $@
 
 clean:

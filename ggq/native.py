@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -59,6 +60,27 @@ def data_path(*parts: str) -> Path:
     if not path.exists():
         raise NativeError(f"{path} is missing: the native build is incomplete, run `make install`")
     return path
+
+
+def bind_llama_cpp() -> Path:
+    """Point the installed llama-cpp-python at ggq's build: its ``llama_cpp/lib`` (where a plain
+    ``import llama_cpp`` looks for libllama and libggml) becomes a link to :func:`lib_dir`, so one
+    build serves everything, with or without ``LLAMA_CPP_LIB_PATH``. Returns the link."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise NativeError("llama-cpp-python is not installed; `make install` installs it against ggq's build")
+    link = Path(spec.origin).parent / "lib"
+    target = lib_dir()
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return link
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)  # a wheel's own copy of llama.cpp: two builds in one process is a bug
+    tmp = link.with_name(f".lib.{os.getpid()}")
+    tmp.symlink_to(target, target_is_directory=True)
+    tmp.replace(link)
+    return link
 
 
 def import_llama_cpp() -> ModuleType:

@@ -68,10 +68,10 @@ def test_f32_logits_and_tokens_equal_transformers(
 
 
 def test_qwen3_micro_f32_logits_equal_transformers(
-    qwen3_micro: Path, llama_cpp, tmp_path: Path, shared_data: Path
+    qwen3_micro: Path, llama_cpp, tmp_path: Path, heldout: Path
 ) -> None:
     gguf = to_gguf(qwen3_micro, tmp_path / "micro-f32.gguf")
-    text = (shared_data / "gutenberg-heldout" / "heldout.txt").read_text(encoding="utf-8")[:2000]
+    text = heldout.read_text(encoding="utf-8")[:2000]
     ids = hf_ids(qwen3_micro, text)[:100]
     ours, ref = llama_logits(llama_cpp, gguf, ids), hf_logits(qwen3_micro, ids)
     assert np.abs(ours - ref).max() < 1e-3 * float(ref.max() - ref.min())
@@ -320,10 +320,10 @@ def test_dry_run_prints_plan_with_totals(checkpoint) -> None:
 
 
 @pytest.fixture(scope="module")
-def imatrix_for(plan_models, tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
+def imatrix_for(plan_models, tmp_path_factory: pytest.TempPathFactory, calibration_text: Path):  # type: ignore[no-untyped-def]
     """llama-imatrix's own importance matrix for a plan model, from real calibration text."""
     text = tmp_path_factory.mktemp("calib") / "calib.txt"
-    text.write_bytes((shared_data / "calibration" / "gutenberg-train-sample.txt").read_bytes()[:30000])
+    text.write_bytes(calibration_text.read_bytes()[:30000])
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -388,12 +388,12 @@ def test_rtn_tensors_equal_llama_quantize(
 # --- quality on the trained model, judged by llama-perplexity --------------------------------
 
 
-def test_qwen3_micro_float_and_q8_0_quality(qwen3_micro: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_qwen3_micro_float_and_q8_0_quality(qwen3_micro: Path, heldout: Path, tmp_path: Path) -> None:
     """llama-perplexity's own KL-divergence of ggq's files against ggq's F32 file (held-out text,
     24 chunks of 512). Reference: llama.cpp's own Q8_0 of this model has KLD 0.00020, top-1 98.8%."""
     from ggq.eval import llama_tools
 
-    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    text = heldout
     f32 = to_gguf(qwen3_micro, tmp_path / "f32.gguf")
     base = llama_tools.kld_base(f32, text, tmp_path / "base.kld", chunks=24)
     limits = {"Q8_0": (0.0003, 0.98), "F16": (0.0001, 0.995), "BF16": (0.0001, 0.995)}

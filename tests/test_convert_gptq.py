@@ -56,10 +56,10 @@ def test_gptq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -
 
 
 def test_gptq_is_closer_to_f32_than_rtn(
-    micro_files: dict[str, Path], shared_data: Path, tmp_path: Path
+    micro_files: dict[str, Path], heldout: Path, tmp_path: Path
 ) -> None:
     """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text."""
-    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    text = heldout
     base = llama_tools.kld_base(micro_files["F32"], text, tmp_path / "base.kld", chunks=12)
     rtn, gptq = (llama_tools.kld(micro_files[k], base, chunks=12) for k in ("rtn", "gptq"))
     assert gptq["kld"] < 0.9 * rtn["kld"], (gptq, rtn)

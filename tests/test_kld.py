@@ -19,7 +19,7 @@ from ggq.eval.kld import KldAccumulator
 from tests.test_convert import to_gguf
 from tests.test_ppl import ppl_error
 
-# statistics both tools print, and how close ours must be: 1 % relative, or the tool's last printed digit
+# statistics both tools print; ours must round to the digits llama-perplexity prints
 STATS = (
     "ppl",
     "ppl_err",
@@ -44,7 +44,7 @@ STATS = (
     "same_top_err",
 )
 # the tool prints Δp and same top p in percent with 3 decimals (1e-5 as a fraction), the rest with 6
-PRINTED = {k: 1e-5 for k in STATS if k.startswith(("dp_", "same_top"))}
+LAST_DIGIT = {k: 1e-5 if k.startswith(("dp_", "same_top")) else 1e-6 for k in STATS}
 
 
 def ggq_kld(model: Path, base: Path, text: Path, n_ctx: int, chunks: int, *extra: str) -> dict:
@@ -55,9 +55,16 @@ def ggq_kld(model: Path, base: Path, text: Path, n_ctx: int, chunks: int, *extra
 
 
 def assert_same_stats(ours: dict, ref: dict) -> None:
-    for key in STATS:
-        tol = max(0.01 * abs(ref[key]), PRINTED.get(key, 1e-6))
-        assert abs(ours[key] - ref[key]) <= tol, (key, ours[key], ref[key])
+    """Each of our statistics equals llama-perplexity's printed value within one unit of its last
+    printed digit (1e-6, or 1e-3 percentage points): the printed digits, up to rounding of the
+    last one. (Half a unit is too strict for PPL ~1000: 6 decimals are 10 significant digits, and
+    the two tools accumulate in different orders, e.g. 1008.3908560 against 1008.390855.)"""
+    wrong = {
+        key: (ours[key], ref[key])
+        for key in STATS
+        if abs(ours[key] - ref[key]) > LAST_DIGIT[key] * (1 + 1e-6)
+    }
+    assert not wrong, wrong
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +86,11 @@ def test_fixture_kld_equals_llama_perplexity(
     assert row["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
 
 
-def test_qwen3_micro_kld_equals_llama_perplexity(
-    qwen3_micro: Path, shared_data: Path, tmp_path: Path
-) -> None:
+def test_qwen3_micro_kld_equals_llama_perplexity(qwen3_micro: Path, heldout: Path, tmp_path: Path) -> None:
     """The trained model at ctx 512: 4 chunks per decode, 16,384-token rows, a real Q4_0 error."""
     f32 = to_gguf(qwen3_micro, tmp_path / "micro-F32.gguf")
     q4 = to_gguf(qwen3_micro, tmp_path / "micro-Q4_0.gguf", "Q4_0")
-    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    text = heldout
     ref = llama_tools.kld_stats(q4, llama_tools.kld_base(f32, text, tmp_path / "b.kld", chunks=6), chunks=6)
     doc = ggq_kld(q4, f32, text, 512, 6)
     rows = {r["role"]: r for r in doc["rows"]}
@@ -174,11 +179,15 @@ def test_different_vocabularies_are_refused(
     assert "full-vocab.gguf: vocabulary of 151936 tokens, but the base" in message
 
 
-def test_gpu_layers_without_a_gpu_is_one_line(tied: dict[str, Path], prose: Path) -> None:
-    if any(d["type"] in ("gpu", "igpu") for d in native.load().devices()):
-        pytest.skip("this build has a GPU")
-    message = ppl_error(str(tied["F32"]), "-f", str(prose), "-c", "128", "--gpu-layers", "99")
-    assert "--gpu-layers 99: no GPU available" in message
+def test_gpu_layers_need_a_gpu(tied: dict[str, Path], prose: Path) -> None:
+    """Without a GPU in the build, asking for GPU layers is one line; with one, they are used."""
+    args = [str(tied["F32"]), "-f", str(prose), "-c", "128", "--chunks", "2", "--gpu-layers", "99"]
+    if not any(d["type"] in ("gpu", "igpu") for d in native.load().devices()):
+        assert "--gpu-layers 99: no GPU available" in ppl_error(*args)
+        return
+    result = CliRunner().invoke(main, ["ppl", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["ppl"] > 1
 
 
 def test_dataset_names_the_shipped_text(tied: dict[str, Path]) -> None:

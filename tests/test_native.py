@@ -72,6 +72,27 @@ def test_llama_cpp_python_loads_the_same_library() -> None:
     assert got["sys_lc"] == got["sys_ggq"]
 
 
+def test_plain_import_llama_cpp_uses_ggq_build() -> None:
+    """A user of the environment writes `import llama_cpp`, without ggq and without
+    LLAMA_CPP_LIB_PATH: it must load, and map ggq's own libllama and libggml (no second build)."""
+    import os
+
+    code = (
+        "import json, llama_cpp\n"
+        "llama_cpp.llama_backend_init()\n"
+        "maps = {l.split()[-1] for l in open('/proc/self/maps') if 'libggml' in l or 'libllama' in l}\n"
+        "print(json.dumps({'maps': sorted(maps), 'info': llama_cpp.llama_print_system_info().decode()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    mapped = {Path(p).resolve() for p in got["maps"]}
+    assert native.lib_dir().resolve() / "libllama.so" in mapped
+    assert {p.parent for p in mapped} == {native.lib_dir().resolve()}, mapped
+    assert got["info"] == native.load().system_info()
+
+
 def test_info_json_reports_build_and_devices() -> None:
     result = CliRunner().invoke(main, ["info", "--json"])
     assert result.exit_code == 0, result.output

@@ -109,10 +109,10 @@ def test_special_token_text_is_tokenized_as_plain_text(
 
 
 def test_qwen3_micro_ppl_equals_llama_perplexity(
-    qwen3_micro: Path, shared_data: Path, tmp_path: Path
+    qwen3_micro: Path, heldout: Path, tmp_path: Path
 ) -> None:
     gguf = to_gguf(qwen3_micro, tmp_path / "micro-f32.gguf")
-    text = shared_data / "gutenberg-heldout" / "heldout.txt"
+    text = heldout
     ours = ggq_ppl(gguf, text, 512, 8)
     assert ours["n_seq"] == 4 and ours["n_scored"] == 8 * 255
     assert_same_estimate(ours, llama_perplexity(gguf, text, 512, 8))
