@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
+import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
 
 import click
 
 from ggq import __version__
 from ggq.gguf.recipe import BITS_RECIPES
+from ggq.gguf.writer import TEMPORARIES, check_output_path
 
 
 class UserError(click.ClickException):
@@ -18,7 +30,175 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# exit status and the one line printed, as a shell reports a process killed by the signal
+SIGNAL_EXITS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+GRACE_S = 3.0  # after a signal, how long the command may take to unwind before the watchdog exits
+_GUARD = "ggq.signal_guard"  # click Context.meta key
+
+
+class Terminated(BaseException):
+    """SIGTERM raised in the main thread, as KeyboardInterrupt is for SIGINT: the ``with`` blocks of
+    the writers unwind and remove their temporary files. A BaseException, so ``except Exception``
+    in library code cannot swallow it."""
+
+
+@dataclass(frozen=True)
+class NewFiles:
+    """Files matching ``pattern`` under ``folder`` that appeared since the snapshot: temporary files
+    a cut-short step leaves (study's caches, ppl's baseline and plot), removed on a signal."""
+
+    folder: Path
+    pattern: str
+    before: frozenset[Path]
+
+    @classmethod
+    def snapshot(cls, folder: Path, pattern: str) -> NewFiles:
+        return cls(folder, pattern, frozenset(folder.glob(pattern)) if folder.is_dir() else frozenset())
+
+    def __call__(self) -> None:
+        if self.folder.is_dir():
+            for p in self.folder.glob(self.pattern):
+                if p not in self.before and p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+class SignalGuard:
+    """For the duration of a command, SIGINT and SIGTERM raise in the main thread (KeyboardInterrupt,
+    Terminated), even where the shell started ggq with SIGINT ignored (a background job of a
+    script, where Python installs no handler). The C-level handler also writes the signal number
+    to a socket (``set_wakeup_fd``), which wakes a watchdog thread even while the main thread sits
+    in a long native call (a llama.cpp decode or quantization, a torch op): when the command has
+    not unwound ``GRACE_S`` later, or on a second signal, the watchdog removes the temporary files
+    itself, prints the same line and exits with the same status."""
+
+    def __init__(self) -> None:
+        self.sweeps: list[Callable[[], None]] = []
+        self.signum: int | None = None
+        self.interactive_sigint = False  # chat's REPL: every Ctrl-C stops a reply, none ends ggq
+        self._old: dict[int, Any] = {}
+        self._done = threading.Event()
+        self._exit_lock = threading.Lock()
+        self._installed = False
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # handlers can be set in the main thread only
+        self._r, self._w = socket.socketpair()
+        self._w.setblocking(False)
+        for s in SIGNAL_EXITS:
+            self._old[s] = signal.signal(s, self._raise)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="ggq-signal-watchdog", daemon=True)
+        self._thread.start()
+        self._installed = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._installed:
+            return
+        with self._exit_lock:  # blocks while the watchdog is exiting the process
+            self._done.set()
+        signal.set_wakeup_fd(self._old_fd)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._w.close()  # wakes the watchdog, which sees _done
+        self._thread.join(1.0)
+        self._r.close()
+
+    def _raise(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.interactive_sigint:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            return  # already unwinding; a second signal makes the watchdog exit at once
+        self.signum = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    def _watch(self) -> None:
+        first: int | None = None
+        deadline = 0.0
+        while True:
+            timeout = None if first is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._r], [], [], timeout)
+            if self._done.is_set():
+                return
+            if not ready:
+                break  # the grace time is over
+            data = self._r.recv(64)
+            if not data:
+                return
+            for b in data:
+                if b not in SIGNAL_EXITS or (b == signal.SIGINT and self.interactive_sigint):
+                    continue
+                if first is not None:
+                    self._exit(first)  # a second signal: no more waiting
+                first, deadline = b, time.monotonic() + GRACE_S
+        if first is not None:
+            self._exit(first)
+
+    def _exit(self, signum: int) -> None:
+        with self._exit_lock:
+            if self._done.is_set():
+                return
+            TEMPORARIES.remove_all()
+            self.cleanup()
+            code, word = SIGNAL_EXITS[signal.Signals(signum)]
+            os.write(2, f"{word}\n".encode())
+            os._exit(code)
+
+    def cleanup(self) -> None:
+        for sweep in self.sweeps:
+            with suppress(OSError):
+                sweep()
+
+
+def _guard() -> SignalGuard | None:
+    guard = click.get_current_context().meta.get(_GUARD)
+    return guard if isinstance(guard, SignalGuard) else None
+
+
+def _on_signal(sweep: Callable[[], None]) -> None:
+    """Run ``sweep`` (remove a step's temporary files) when a signal ends the command."""
+    guard = _guard()
+    if guard is not None:
+        guard.sweeps.append(sweep)
+
+
+def _check_output(path: Path) -> None:
+    from ggq.gguf.writer import OutputError
+
+    try:
+        check_output_path(path)
+    except OutputError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _on_signal_ppl(plot: Path | None, vs_q4_0: bool) -> None:
+    if plot is not None:
+        _on_signal(NewFiles.snapshot(plot.parent, f".{plot.name}.tmp.png"))
+    if vs_q4_0:
+        from ggq.eval.baseline import cache_dir
+
+        # q4_0_baseline writes .NAME.PID.tmp: only this process's
+        _on_signal(NewFiles.snapshot(cache_dir() / "baselines", f".*.{os.getpid()}.tmp"))
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        guard = SignalGuard()
+        ctx.meta[_GUARD] = guard
+        try:
+            with guard:
+                return super().invoke(ctx)
+        except (KeyboardInterrupt, Terminated) as exc:
+            guard.cleanup()
+            code, word = SIGNAL_EXITS[signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM]
+            click.echo(word, err=True)
+            raise click.exceptions.Exit(code) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ggq")
 def main() -> None:
     """ggq: Qwen3 checkpoints to llama.cpp GGUF files, quantized by RTN, GPTQ or AWQ."""
@@ -171,6 +351,9 @@ def convert(
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
     try:
+        for target in (output, save_imatrix) if not dry_run else ():
+            if target is not None:
+                check_output_path(target)  # an unwritable target fails now, not after the solver
         conv.run_cli(
             model,
             output,
@@ -272,7 +455,10 @@ def ppl(
     config = PerplexityConfig(
         n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads, n_gpu_layers=n_gpu_layers
     )
+    _on_signal_ppl(plot, vs_q4_0)
     try:
+        if plot is not None:
+            _check_output(plot)
         report.run_cli(
             models, text_file, config, as_json=as_json, base=base, vs_q4_0=vs_q4_0, plot=plot, dataset=dataset
         )
@@ -325,6 +511,9 @@ def chat(
     """Chat with a GGUF model (llama.cpp through llama-cpp-python, the model's own chat template)."""
     from ggq import chat as chat_mod
 
+    guard = _guard()
+    if guard is not None:
+        guard.interactive_sigint = True  # the REPL catches Ctrl-C to stop a reply; SIGTERM still ends
     sampling = chat_mod.Sampling(temperature, top_p, top_k, min_p, max_tokens, seed, ignore_eos)
     try:
         session = chat_mod.ChatSession(model, n_ctx, n_gpu_layers, threads, system, think, sampling)
@@ -450,6 +639,7 @@ def study(
         references=not no_reference,
         tasks=tasks,
     )
+    _on_signal(NewFiles.snapshot(cfg.out, "**/.*.tmp*"))  # llama-quantize/-imatrix outputs, JSON, plots
     try:
         doc = study_mod.Study(cfg, log=lambda m: console.print(m, soft_wrap=True)).run()
     except study_mod.USER_ERRORS as exc:

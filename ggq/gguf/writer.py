@@ -3,16 +3,23 @@
 Order is enforced: key/values and tensor infos first, then ``begin_data()``, then each tensor's
 bytes in the order its info was added, then ``finish()``. Everything goes to a temporary file
 beside the target and is renamed over it only when complete, so a failed or interrupted write
-never leaves a half-written file under the final name.
+never leaves a half-written file under the final name. While it writes, the writer holds an
+exclusive lock (``flock``) on ``.NAME.lock`` beside the target: a second process writing the same
+file fails at once, naming the first one's pid, instead of both spending the work. The lock dies
+with its process, so a killed writer leaves no stale lock.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +76,88 @@ _NP = {
 
 class WriterError(RuntimeError):
     """Misuse of the writer: a call out of order, or data that does not match its tensor info."""
+
+
+class OutputError(WriterError):
+    """The output cannot be written (missing or read-only folder, disk full, another writer):
+    one line naming the file, the folder or the other process."""
+
+
+class Temporaries:
+    """Temporary files this process is writing now. A signal handler that cannot wait for the
+    writers to unwind (the main thread stuck in a long native call) removes them before exiting."""
+
+    def __init__(self) -> None:
+        self._paths: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self._paths.add(path)
+
+    def discard(self, path: Path) -> None:
+        with self._lock:
+            self._paths.discard(path)
+
+    def remove_all(self) -> None:
+        with self._lock:
+            paths, self._paths = self._paths, set()
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+
+# process-wide, as signals are: every writer registers its .part and .lock here while it writes
+TEMPORARIES = Temporaries()
+
+
+def check_output_path(path: Path) -> None:
+    """Fail now, before any work, where ``path`` cannot be created: its folder missing or not a
+    folder, or no file can be made there (permissions, a read-only file system). A probe file is
+    created and removed, since permission bits say nothing for root and nothing of the mount."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, expected a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise OutputError(f"{path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create files in {parent} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _lock_holder(fd: int) -> str:
+    raw = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    return f"pid {raw}" if raw.isdigit() else "pid unknown"
+
+
+def _acquire_lock(target: Path) -> tuple[Path, int]:
+    """An exclusive flock on ``.NAME.lock`` beside ``target``, the holder's pid written in it."""
+    lock = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"{target}: is being written by another process ({holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the previous holder unlinks the lock file on release: locking that old inode is no lock
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return lock, fd
+        os.close(fd)
 
 
 class _State(enum.Enum):
@@ -142,6 +231,7 @@ class GGUFWriter:
         self._state = _State.META
         self._tmp: Path | None = None
         self._f: BinaryIO | None = None
+        self._lock: tuple[Path, int] | None = None
         if alignment != ALIGNMENT:
             self.add_kv("general.alignment", alignment, ValueType.UINT32)
 
@@ -174,19 +264,39 @@ class GGUFWriter:
     def _pad(self, f: BinaryIO) -> None:
         f.write(b"\0" * (-f.tell() % self.alignment))
 
+    @contextmanager
+    def _os_errors(self, doing: str) -> Iterator[None]:
+        """An OSError of the file system (ENOSPC, EACCES, EROFS, EFBIG, ...) becomes one line
+        naming the target; the temporary file and the lock are removed."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            reason = exc.strerror or str(exc)
+            name = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+            code = f", {name}" if name else ""
+            raise OutputError(
+                f"{self.path}: cannot {doing} ({reason}{code}); nothing written under that name"
+            ) from exc
+
     def begin_data(self) -> None:
         """Write header, key/values and tensor infos to a temporary file beside the target."""
         self._expect(_State.META, "begin tensor data")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        self._tmp, self._f = Path(tmp), os.fdopen(fd, "wb")
-        f = self._f
-        f.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
-        f.writelines(self._kv)
-        for t in self._tensors:
-            f.write(_string(t.name) + struct.pack("<I", len(t.shape)))
-            f.write(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type_id, t.offset))
-        self._pad(f)
+        with self._os_errors("create the file"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire_lock(self.path)
+            TEMPORARIES.add(self._lock[0])
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+            self._tmp, self._f = Path(tmp), os.fdopen(fd, "wb")
+            TEMPORARIES.add(self._tmp)
+        with self._os_errors("write"):
+            f = self._f
+            f.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
+            f.writelines(self._kv)
+            for t in self._tensors:
+                f.write(_string(t.name) + struct.pack("<I", len(t.shape)))
+                f.write(struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type_id, t.offset))
+            self._pad(f)
         self._state = _State.DATA
 
     def write_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
@@ -207,10 +317,12 @@ class GGUFWriter:
                 raise WriterError(
                     f"{self.path}: tensor {name!r} exceeds the {info.nbytes} bytes its info says"
                 )
-            self._f.write(raw)
+            with self._os_errors("write"):
+                self._f.write(raw)
         if written != info.nbytes:
             raise WriterError(f"{self.path}: tensor {name!r} is {written} bytes, its info says {info.nbytes}")
-        self._pad(self._f)
+        with self._os_errors("write"):
+            self._pad(self._f)
         self._next_tensor += 1
 
     def finish(self) -> Path:
@@ -220,20 +332,35 @@ class GGUFWriter:
             missing = self._tensors[self._next_tensor].name
             raise WriterError(f"{self.path}: finished before writing tensor {missing!r}")
         assert self._f is not None and self._tmp is not None
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.chmod(self._tmp, 0o644)
-        self._tmp.replace(self.path)
+        with self._os_errors("write"):
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.chmod(self._tmp, 0o644)
+            self._tmp.replace(self.path)
+        TEMPORARIES.discard(self._tmp)
+        self._release_lock()
         self._state = _State.DONE
         return self.path
 
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            lock, fd = self._lock
+            self._lock = None
+            lock.unlink(missing_ok=True)  # while still holding it: see _acquire_lock
+            os.close(fd)
+            TEMPORARIES.discard(lock)
+
     def abort(self) -> None:
-        """Remove the temporary file; the target is left as it was."""
+        """Remove the temporary file and the lock; the target is left as it was."""
         if self._f is not None and not self._f.closed:
-            self._f.close()
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
+            # the buffered tail may not flush (disk full): close() closes the fd all the same
+            with suppress(OSError):
+                self._f.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            TEMPORARIES.discard(self._tmp)
+        self._release_lock()
 
     def __enter__(self) -> GGUFWriter:
         return self
