@@ -309,11 +309,14 @@ def _exponents(ax: float, aw: float) -> str:
     return f"x^{ax:.2f}" + (f"/w^{aw:.2f}" if aw else "")
 
 
-def _print_layer(console: Any, method: str, rep: LayerReport) -> None:
+def _print_layer(console: Any, method: str, rep: LayerReport, damp: float) -> None:
     errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
     alphas = "  ".join(f"{k} {_exponents(ax, aw)}" for k, (ax, aw) in rep.alphas.items())
+    raised = "  ".join(f"{k} {d:g}" for k, d in rep.damp.items() if d > damp)
     line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
-    console.print(line + (f"  awq scales: {alphas}" if alphas else ""))
+    line += f"  awq scales: {alphas}" if alphas else ""
+    line += f"  damping raised (H not positive definite at {damp:g}): {raised}" if raised else ""
+    console.print(line)
 
 
 def layer_json(rep: LayerReport) -> dict[str, object]:
@@ -322,6 +325,7 @@ def layer_json(rep: LayerReport) -> dict[str, object]:
         "seconds": round(rep.seconds, 3),
         "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
         "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
+        **({"gptq_damp": rep.damp} if rep.damp else {}),
     }
 
 
@@ -394,7 +398,7 @@ def run_cli(
         def layer_done(rep: LayerReport) -> None:
             reports.append(rep)
             if not as_json:
-                _print_layer(bar.console, opts.method, rep)
+                _print_layer(bar.console, opts.method, rep, opts.cal.damp)
 
         convert(ckpt, out, opts, imatrix, progress=advance, layer_report=layer_done)
     result: dict[str, object] = {

@@ -175,23 +175,26 @@ class _Grid:
 class GPTQResult:
     data: np.ndarray  # (rows, row_bytes) uint8: the tensor as written to the GGUF
     weights: np.ndarray  # (rows, cols) float32: the values llama.cpp dequantizes from ``data``
-    damp: float  # the damping that made H positive definite
+    damp: float  # the damping used: the requested one, or raised until H was positive definite
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1, damping raised (x10) until H is positive definite."""
+    """Upper Cholesky factor of H^-1, damping raised (x10, five times at most) until H is
+    positive definite; returns it with the damping it took."""
+    if not (damp > 0 and np.isfinite(damp)):
+        raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
-    for _ in range(6):
-        damped = h.clone()  # h + damp * mean_diag * I without building n x n identities
-        damped.diagonal().add_(damp * mean_diag)
+    for k in range(6):
+        tried = damp * 10**k
+        damped = h.clone()  # h + tried * mean_diag * I without building n x n identities
+        damped.diagonal().add_(tried * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
-                return upper, damp
-        damp *= 10
-    raise SolverError(f"Hessian not positive definite even with damping {damp:g} x mean diagonal")
+                return upper, tried
+    raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
 
 
 class _Grids:

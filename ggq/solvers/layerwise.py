@@ -71,6 +71,8 @@ class LayerReport:
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
     # AWQ: scaled group (named by the tensor folded into) -> exponents of mean|x| and 1/mean|w|
     alphas: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # GPTQ: linear -> the damping it used (the requested one, or raised until H was positive definite)
+    damp: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> str:
@@ -210,6 +212,7 @@ class _Layer:
                 assert stats.h_full is not None
                 res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
                 data, q = res.data, res.weights
+                self.rep.damp[name] = res.damp
             else:
                 wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
                 data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
