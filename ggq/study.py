@@ -3,8 +3,9 @@
 Every (method, bits) pair is converted with ``ggq convert`` and every file is evaluated against
 the full-precision GGUF with ``ggq ppl --base`` on each text; llama.cpp's own RTN and imatrix
 quants of the same types (``llama-quantize``, ``llama-imatrix`` on the calibration text) are the
-reference rows. Everything is cached in the output folder by the hash of its inputs, so a re-run
-after an interruption (or with one more method) only does what is missing:
+reference rows. Everything is cached in the output folder under a key of everything that
+determines its bytes, so a re-run after an interruption (or with one more method) only does what is
+missing, and a change of any of them recomputes what it touches (see ``conversion_key``):
 
     OUT/gguf/     the GGUF files, named {model}-{type}-{method}-{key}.gguf
     OUT/results/  one JSON per (file, text, context, chunks)
@@ -16,7 +17,10 @@ Zero-shot tasks run through llama.cpp's own multiple-choice scoring (``llama-per
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -25,11 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ggq import __version__, native
 from ggq.gguf import recipe as rc
 from ggq.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from ggq.convert import ConvertOptions
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 REFERENCES = ("llama.cpp RTN", "llama.cpp imatrix")
@@ -51,6 +58,9 @@ class StudyConfig:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    damp: float = 0.01  # the solvers' options (ggq convert --damp / --act-order / --device)
+    act_order: bool = False
+    device: str = "auto"
     n_ctx: int = 512
     chunks: int | None = None
     threads: int = 0
@@ -72,6 +82,61 @@ class Entry:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
+
+
+# compiled modules whose code shapes a GGUF (the ggml encoders) or a score (the evaluator)
+EXTENSIONS = ("ggq._quants", "ggq._native")
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of the code that makes the study's files and numbers: every ``.py`` file of the ggq
+    package (relative path and bytes, sorted by path) and the compiled extensions ggq._quants and
+    ggq._native where built. The whole package rather than a hand-kept list of the modules a
+    conversion imports: a list goes stale silently, while an edit outside the conversion path only
+    costs a recompute."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    for name in EXTENSIONS:
+        spec = importlib.util.find_spec(name)
+        origin = "not built" if spec is None or spec.origin is None else sha256_file(Path(spec.origin))
+        h.update(f"{name}\0{origin}\0".encode())
+    return h.hexdigest()
+
+
+def llama_cpp_build() -> str:
+    """The llama.cpp build whose tools and library make the reference rows and every score: its
+    commit and its back ends (a CUDA build's numbers are not a CPU build's)."""
+    mod = native.load()
+    return f"{mod.LLAMA_CPP_COMMIT} {','.join(mod.backends())}"
+
+
+def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code: str, llama_cpp: str) -> str:
+    """Key of the bytes ``ggq convert`` writes for these options: the checkpoint's content, every
+    recipe option, the method, the imatrix's content, the calibration options (text by content,
+    ``auto`` device resolved, since CUDA arithmetic changes bytes) where the method reads them,
+    ggq's version and source digest and the llama.cpp build. Not keyed: ``threads`` (the output
+    does not depend on the thread count) and ``save_imatrix`` (a second output, not an input)."""
+    from ggq.solvers.layerwise import resolve_device
+
+    doc: dict[str, Any] = {
+        "model": model_digest,
+        "recipe": dataclasses.asdict(opts.recipe),
+        "method": opts.method,
+        "imatrix": sha256_file(opts.imatrix) if opts.imatrix else None,
+        "ggq": [__version__, code],
+        "llama.cpp": llama_cpp,
+    }
+    if opts.method != "rtn":  # rtn reads no calibration: its file is the same for every setting
+        cal = dataclasses.asdict(opts.cal)
+        cal["calib"] = calib_sha if opts.cal.dataset is None else None
+        cal["device"] = resolve_device(opts.cal.device)
+        doc["calibration"] = cal
+    return _key(json.dumps(doc, sort_keys=True))
 
 
 def checkpoint_digest(model: Path) -> str:
@@ -127,6 +192,8 @@ class Study:
         self.calib = cfg.calib or calib.default_text()
         self.calib_sha = sha256_file(self.calib)
         self.digest = checkpoint_digest(cfg.model)
+        self.code = source_digest()
+        self.llama_cpp = llama_cpp_build()
         self.name = cfg.model.name
         self.gguf_dir = cfg.out / "gguf"
         self.results_dir = cfg.out / "results"
@@ -136,47 +203,49 @@ class Study:
         tag = method.replace("llama.cpp ", "llama.cpp-").replace(" ", "-").replace("+", "-")
         return self.gguf_dir / f"{self.name}-{type_name}-{tag}-{key}.gguf"
 
-    def _convert(self, type_name: str, method: str, out: Path) -> None:
-        from ggq.checkpoint import Checkpoint
-        from ggq.convert import CalibOptions, ConvertOptions, convert
+    def options(self, type_name: str, method: str) -> ConvertOptions:
+        """What ``ggq convert`` is given for one file (and what its key is made of)."""
+        from ggq.convert import CalibOptions, ConvertOptions
 
-        cal = CalibOptions(self.calib, self.cfg.nsamples, self.cfg.seqlen, self.cfg.seed)
-        opts = ConvertOptions(rc.RecipeOptions(type_name), method=method, threads=self.cfg.threads, cal=cal)
+        c = self.cfg
+        cal = CalibOptions(self.calib, c.nsamples, c.seqlen, c.seed, c.damp, c.act_order, c.device)
+        return ConvertOptions(rc.RecipeOptions(type_name), method=method, threads=c.threads, cal=cal)
+
+    def _gguf(self, type_name: str, method: str, tag: str) -> tuple[Path, ConvertOptions]:
+        opts = self.options(type_name, method)
+        key = conversion_key(opts, self.digest, self.calib_sha, self.code, self.llama_cpp)
+        return self._path(type_name, tag, key), opts
+
+    def _convert(self, out: Path, opts: ConvertOptions) -> None:
+        from ggq.checkpoint import Checkpoint
+        from ggq.convert import convert
+
         convert(Checkpoint(self.cfg.model), out, opts)
 
     def base(self) -> Entry:
         t = self.cfg.base_type
-        path = self._path(t, "base", _key(self.digest, t, __version__))
+        path, opts = self._gguf(t, "rtn", "base")
         if not path.exists():
             self.log(f"convert {self.name} -> {t} (base)")
             self.gguf_dir.mkdir(parents=True, exist_ok=True)
-            self._convert(t, "rtn", path)
+            self._convert(path, opts)
         return Entry("base", "32" if t == "F32" else "16", t, path)
 
     def quant(self, method: str, bits: str) -> Entry:
         t = rc.BITS_RECIPES[bits]
-        key = _key(
-            self.digest,
-            t,
-            method,
-            self.calib_sha,
-            self.cfg.nsamples,
-            self.cfg.seqlen,
-            self.cfg.seed,
-            __version__,
-        )
-        path = self._path(t, method, key)
+        path, opts = self._gguf(t, method, method)
         if not path.exists():
             start = time.perf_counter()
             self.log(f"convert {self.name} --method {method} --type {t}")
-            self._convert(t, method, path)
+            self._convert(path, opts)
             self.log(f"  {path.name}: {time.perf_counter() - start:.0f} s")
         return Entry(method, bits, t, path)
 
     def imatrix(self, base: Entry) -> Path:
-        path = (
-            self.gguf_dir / f"{self.name}-imatrix-{_key(base.path.name, self.calib_sha, self.cfg.n_ctx)}.gguf"
-        )
+        # the base's name carries its key (checkpoint, ggq's code, llama.cpp build); not keyed:
+        # the thread count (ggml gives each output of a product to one thread)
+        key = _key(base.path.name, self.calib_sha, self.cfg.n_ctx, self.llama_cpp)
+        path = self.gguf_dir / f"{self.name}-imatrix-{key}.gguf"
         if not path.exists():
             self.log(f"llama-imatrix on {self.calib.name}")
             tmp = path.with_name(f".{path.name}.tmp.gguf")
@@ -199,7 +268,8 @@ class Study:
 
     def reference(self, name: str, bits: str, base: Entry, imatrix: Path | None) -> Entry:
         t = rc.BITS_RECIPES[bits]
-        path = self._path(t, name, _key(base.path.name, t, imatrix.name if imatrix else ""))
+        key = _key(base.path.name, t, imatrix.name if imatrix else "", self.llama_cpp)
+        path = self._path(t, name, key)
         if not path.exists():
             self.log(f"llama-quantize {t}" + (" --imatrix" if imatrix else ""))
             tmp = path.with_name(f".{path.name}.tmp.gguf")
@@ -215,7 +285,16 @@ class Study:
         return list(self.cfg.texts) or [DEFAULT_TEXT]
 
     def _result_path(self, entry: Entry, text: Path, text_sha: str, base: Entry) -> Path:
-        key = _key(entry.path.name, base.path.name, text_sha, self.cfg.n_ctx, self.cfg.chunks)
+        # both names carry their files' keys; the evaluator is ggq's code on llama.cpp's build
+        key = _key(
+            entry.path.name,
+            base.path.name,
+            text_sha,
+            self.cfg.n_ctx,
+            self.cfg.chunks,
+            self.code,
+            self.llama_cpp,
+        )
         return self.results_dir / f"{entry.path.stem}-{text.stem}-{key}.json"
 
     def evaluate(self, base: Entry, entries: list[Entry]) -> None:
@@ -263,7 +342,14 @@ class Study:
             from ggq.tasks import run_tasks
 
             for e in [base, *entries]:
-                e.tasks = run_tasks(e.path, self.cfg.tasks, self.results_dir, self.cfg.threads, self.log)
+                e.tasks = run_tasks(
+                    e.path,
+                    self.cfg.tasks,
+                    self.results_dir,
+                    self.cfg.threads,
+                    self.log,
+                    key=f"{self.code} {self.llama_cpp}",
+                )
         doc = self.document(base, entries)
         _atomic_json(self.cfg.out / "study.json", doc)
         md = render_markdown(doc)

@@ -1,48 +1,23 @@
 """`ggq study`: every (method, bits) converted and judged against the base, llama.cpp's own quants
-beside them, cached so that a re-run does only what is missing; zero-shot tasks through
-llama-perplexity's own scoring of hand-made task files."""
+beside them, cached under a key of everything that makes each file and number, so that a re-run
+does only what is missing and a changed option or changed code redoes what it touches. (Zero-shot
+tasks: tests/test_tasks.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from ggq import tasks
+from ggq import study
 from ggq.cli import main
+from ggq.convert import CalibOptions, ConvertOptions
 from ggq.eval import llama_tools
+from ggq.gguf.recipe import RecipeOptions
 from ggq.study import Study, StudyConfig, StudyError
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Hand-made task files in llama.cpp's three formats."""
-    d = tmp_path_factory.mktemp("tasks")
-    hellaswag = [
-        (
-            "Cooking: She cracked the eggs into the bowl and",
-            1,
-            ["flew away.", "whisked them.", "sang.", "slept."],
-        ),
-        (
-            "Reading: He opened the old book and",
-            0,
-            ["read the first page.", "ate it.", "drove it.", "sold the sea."],
-        ),
-    ]
-    lines = [line for ctx, gold, ends in hellaswag for line in (ctx, str(gold), *ends)]
-    (d / "hellaswag-mini.txt").write_text("\n".join(lines) + "\n")
-    (d / "winogrande-mini.csv").write_text(
-        "1,The trophy would not fit in the suitcase because the _ was too big.,trophy,suitcase,1\n"
-        "2,The cat chased the mouse until the _ was caught.,cat,mouse,2\n"
-    )
-    tasks.save_multiple_choice(
-        d / "arc-mini.bin",
-        [("Question: What color is a clear sky?\nAnswer:", [" blue", " green", " red"], 0)] * 3,
-    )
-    return d
 
 
 def run_study(model: Path, out: Path, prose: Path, *extra: str) -> tuple[dict, str]:
@@ -53,7 +28,9 @@ def run_study(model: Path, out: Path, prose: Path, *extra: str) -> tuple[dict, s
     return json.loads((out / "study.json").read_text()), result.output
 
 
-def test_study_end_to_end_and_resumable(checkpoint, prose: Path, tmp_path: Path) -> None:
+def test_study_end_to_end_and_resumable(
+    checkpoint, prose: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = checkpoint("untied")
     out = tmp_path / "study"
     doc, _ = run_study(model, out, prose)
@@ -89,17 +66,73 @@ def test_study_end_to_end_and_resumable(checkpoint, prose: Path, tmp_path: Path)
     _, log3 = run_study(model, out, prose, "--methods", "rtn,awq,gptq")
     assert "--method gptq" in log3 and "--method awq" not in log3 and "1 file(s) in one pass" in log3
 
+    # a changed solver option redoes the files it shapes and their results, nothing else (rtn,
+    # and so the base, reads no calibration)
+    _, log4 = run_study(model, out, prose, "--methods", "rtn,gptq", "--seed", "1", "--no-reference")
+    assert "--method gptq" in log4 and "--method rtn" not in log4 and "(base)" not in log4
+    assert "1 file(s) in one pass" in log4
+    # changed ggq code (the same __version__) redoes every file and result; raising=False: on code
+    # that never asks for the digest the patch changes nothing, and the test fails below
+    monkeypatch.setattr(study, "source_digest", lambda: "edited", raising=False)
+    _, log5 = run_study(model, out, prose, "--methods", "rtn", "--no-reference")
+    assert "(base)" in log5 and "--method rtn" in log5 and "1 file(s) in one pass" in log5
+    _, log6 = run_study(model, out, prose, "--methods", "rtn", "--no-reference")
+    assert "convert" not in log6 and "ggq ppl" not in log6
+    # so does another llama.cpp build
+    monkeypatch.setattr(study, "llama_cpp_build", lambda: "0000000 CUDA", raising=False)
+    _, log7 = run_study(model, out, prose, "--methods", "rtn", "--no-reference")
+    assert "(base)" in log7 and "--method rtn" in log7 and "1 file(s) in one pass" in log7
 
-def test_zero_shot_tasks_through_llama_perplexity(checkpoint, task_dir: Path, tmp_path: Path) -> None:
-    from tests.test_convert import to_gguf
 
-    gguf = to_gguf(checkpoint("tied"), tmp_path / "tied-Q8_0.gguf", "Q8_0")
-    scores = tasks.run_tasks(gguf, task_dir, tmp_path / "cache", threads=2, log=lambda _: None)
-    assert set(scores) == {"hellaswag-mini", "winogrande-mini", "arc-mini"}
-    assert all(0 <= v <= 100 for v in scores.values())
-    # the hand-made multiple-choice file is llama.cpp's format: three identical tasks, one score
-    assert scores["arc-mini"] in (0.0, 100.0)
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 3
+def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
+    """Each option of ConvertOptions that shapes the bytes changes the key; those that do not
+    (threads, save_imatrix; the calibration options for rtn) leave it. A new option fails the
+    field lists until it is keyed and listed here."""
+    imatrix = tmp_path / "a.imatrix"
+    imatrix.write_bytes(b"one")
+    cal_changes = {"nsamples": 8, "seqlen": 64, "seed": 1, "damp": 0.1, "act_order": True, "dataset": "x"}
+    recipe_changes = {
+        "file_type": "Q4_0",
+        "pure": True,
+        "tensor_types": (("ffn_down", "Q8_0"),),
+        "output_tensor_type": "Q8_0",
+        "token_embedding_type": "Q8_0",
+        "leave_output_tensor": True,
+        "has_imatrix": True,
+    }
+    # calib is keyed by its content (the calib_sha argument), device as resolved (below)
+    assert {f.name for f in dataclasses.fields(CalibOptions)} == {*cal_changes, "calib", "device"}
+    assert {f.name for f in dataclasses.fields(RecipeOptions)} == set(recipe_changes)
+    fields = {"recipe", "method", "imatrix", "threads", "cal", "save_imatrix"}
+    assert {f.name for f in dataclasses.fields(ConvertOptions)} == fields
+
+    def key(opts: ConvertOptions, calib_sha: str = "c", code: str = "s", llama: str = "l") -> str:
+        return study.conversion_key(opts, "model", calib_sha, code, llama)
+
+    gptq = ConvertOptions(method="gptq", cal=CalibOptions(calib=tmp_path / "calib.txt"))
+    k = key(gptq)
+    variants = [
+        dataclasses.replace(gptq, cal=dataclasses.replace(gptq.cal, **{n: v})) for n, v in cal_changes.items()
+    ]
+    variants += [
+        dataclasses.replace(gptq, recipe=dataclasses.replace(gptq.recipe, **{n: v}))
+        for n, v in recipe_changes.items()
+    ]
+    variants += [dataclasses.replace(gptq, method="awq"), dataclasses.replace(gptq, imatrix=imatrix)]
+    keys = [key(v) for v in variants] + [key(gptq, calib_sha="d"), key(gptq, code="t"), key(gptq, llama="m")]
+    assert len({k, *keys}) == len(keys) + 1
+    same = [
+        dataclasses.replace(gptq, threads=1),
+        dataclasses.replace(gptq, save_imatrix=tmp_path / "out.imatrix"),
+        dataclasses.replace(gptq, cal=dataclasses.replace(gptq.cal, calib=tmp_path / "renamed.txt")),
+    ]
+    assert {key(v) for v in same} == {k}
+    with_imatrix = dataclasses.replace(gptq, imatrix=imatrix)
+    before = key(with_imatrix)
+    imatrix.write_bytes(b"two")  # the imatrix is keyed by content
+    assert key(with_imatrix) != before
+    rtn = ConvertOptions(cal=CalibOptions(seed=0))
+    assert key(rtn) == key(dataclasses.replace(rtn, cal=CalibOptions(seed=1, nsamples=3)), calib_sha="d")
 
 
 def test_bad_options_are_one_line(checkpoint, prose: Path, tmp_path: Path) -> None:
