@@ -7,6 +7,7 @@ GGUF architecture name and the table of tensor names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,17 +54,54 @@ QWEN3_LAYER_ORDER = (
 )
 
 
+# GGUF tensor (without "blk.N." and ".weight") -> its HF (torch) shape in config.json's terms;
+# each dimension is a key of HParams.dims()
+QWEN3_SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("token_embd", ("vocab_size", "hidden_size")),
+    ("output_norm", ("hidden_size",)),
+    ("output", ("vocab_size", "hidden_size")),
+    ("attn_norm", ("hidden_size",)),
+    ("attn_q", ("num_attention_heads*head_dim", "hidden_size")),
+    ("attn_k", ("num_key_value_heads*head_dim", "hidden_size")),
+    ("attn_v", ("num_key_value_heads*head_dim", "hidden_size")),
+    ("attn_output", ("hidden_size", "num_attention_heads*head_dim")),
+    ("attn_q_norm", ("head_dim",)),
+    ("attn_k_norm", ("head_dim",)),
+    ("ffn_norm", ("hidden_size",)),
+    ("ffn_gate", ("intermediate_size", "hidden_size")),
+    ("ffn_up", ("intermediate_size", "hidden_size")),
+    ("ffn_down", ("hidden_size", "intermediate_size")),
+)
+
+
 @dataclass(frozen=True)
 class Architecture:
     hf_name: str
     gguf_name: str
     tensors: tuple[tuple[str, str], ...]
     layer_order: tuple[str, ...]
+    shapes: tuple[tuple[str, tuple[str, ...]], ...]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "Qwen3ForCausalLM": Architecture("Qwen3ForCausalLM", "qwen3", QWEN3_TENSORS, QWEN3_LAYER_ORDER),
+    "Qwen3ForCausalLM": Architecture(
+        "Qwen3ForCausalLM", "qwen3", QWEN3_TENSORS, QWEN3_LAYER_ORDER, QWEN3_SHAPES
+    ),
 }
+
+
+def _part(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``attn_q``; ``token_embd.weight`` -> ``token_embd``."""
+    parts = gguf_name.split(".")
+    return parts[2] if parts[0] == "blk" else parts[0]
+
+
+def _layer(gguf_name: str) -> int | None:
+    return int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + (",)" if len(shape) == 1 else ")")
 
 
 @dataclass(frozen=True)
@@ -85,30 +123,69 @@ class HParams:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], where: Path) -> HParams:
-        try:
-            n_head = int(cfg["num_attention_heads"])
-            n_embd = int(cfg["hidden_size"])
-            rope_params = cfg.get("rope_parameters") or {}
-            rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-            scaling = cfg.get("rope_scaling")
-            if scaling is None and rope_params.get("rope_type", "default") != "default":
-                scaling = rope_params
-            return cls(
-                n_layer=int(cfg["num_hidden_layers"]),
-                n_embd=n_embd,
-                n_ff=int(cfg["intermediate_size"]),
-                n_head=n_head,
-                n_head_kv=int(cfg.get("num_key_value_heads", n_head)),
-                head_dim=int(cfg.get("head_dim") or n_embd // n_head),
-                n_vocab=int(cfg["vocab_size"]),
-                n_ctx_train=int(cfg.get("max_position_embeddings", 32768)),
-                rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                rope_scaling=scaling,
+        """Every number checked: a zero, negative, fractional or missing size is named here, not
+        found later as a crash (a division by zero heads) or a file llama.cpp refuses."""
+        n_head = _positive_int(cfg, "num_attention_heads", where)
+        n_head_kv = _positive_int(cfg, "num_key_value_heads", where, default=n_head)
+        n_embd = _positive_int(cfg, "hidden_size", where)
+        if cfg.get("head_dim") is None and n_embd % n_head:
+            raise CheckpointError(
+                f"{where}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head} "
+                "and there is no head_dim"
             )
-        except KeyError as exc:
-            raise CheckpointError(f"{where}: config.json has no {exc.args[0]!r}") from exc
+        if n_head % n_head_kv:
+            raise CheckpointError(
+                f"{where}: num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}"
+            )
+        rope_params = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and rope_params.get("rope_type", "default") != "default":
+            scaling = rope_params
+        theta = cfg.get("rope_theta")
+        theta_cfg = {"rope_theta": rope_params.get("rope_theta", 10000.0) if theta is None else theta}
+        return cls(
+            n_layer=_positive_int(cfg, "num_hidden_layers", where),
+            n_embd=n_embd,
+            n_ff=_positive_int(cfg, "intermediate_size", where),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=_positive_int(cfg, "head_dim", where, default=n_embd // n_head),
+            n_vocab=_positive_int(cfg, "vocab_size", where),
+            n_ctx_train=_positive_int(cfg, "max_position_embeddings", where, default=32768),
+            rms_eps=_positive_float(cfg, "rms_norm_eps", where, default=1e-6),
+            rope_theta=_positive_float(theta_cfg, "rope_theta", where),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
+        )
+
+    def dims(self) -> dict[str, int]:
+        """Tensor dimensions by the config.json terms they come from (QWEN3_SHAPES)."""
+        return {
+            "vocab_size": self.n_vocab,
+            "hidden_size": self.n_embd,
+            "intermediate_size": self.n_ff,
+            "head_dim": self.head_dim,
+            "num_attention_heads*head_dim": self.n_head * self.head_dim,
+            "num_key_value_heads*head_dim": self.n_head_kv * self.head_dim,
+        }
+
+
+def _positive_int(cfg: dict[str, Any], key: str, where: Path, default: int | None = None) -> int:
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise CheckpointError(f"{where}: config.json has no {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{where}: {key} is {value!r}; expected a positive integer")
+    return value
+
+
+def _positive_float(cfg: dict[str, Any], key: str, where: Path, default: float | None = None) -> float:
+    value = default if cfg.get(key) is None else cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise CheckpointError(f"{where}: {key} is {value!r}; expected a positive number")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -133,11 +210,16 @@ SUPPORTED_DTYPES = ("BF16", "F16", "F32")
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: not found") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -150,12 +232,38 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
     header.pop("__metadata__", None)
-    return dict(header), 8 + n
+    return header, 8 + n
+
+
+def _entry(
+    file: Path, hf_name: str, gguf_name: str, info: Any, data_start: int, file_size: int
+) -> TensorEntry:
+    """One header entry, checked: a supported dtype, and data that fits its shape and the file."""
+    try:
+        dtype = str(info["dtype"])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: tensor {hf_name} has a malformed header entry ({exc!r})") from exc
+    if dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(
+            f"{file}: tensor {hf_name} has dtype {dtype}; supported: {', '.join(SUPPORTED_DTYPES)}"
+        )
+    if (
+        min(shape, default=1) < 0
+        or end - begin != int(np.prod(shape)) * _ITEMSIZE[dtype]
+        or not 0 <= begin <= end
+        or data_start + end > file_size
+    ):
+        raise CheckpointError(f"{file}: tensor {hf_name} data does not fit its shape or the file (corrupt?)")
+    return TensorEntry(hf_name, gguf_name, file, shape, dtype, data_start + begin)
 
 
 class Checkpoint:
-    """A local Hugging Face checkpoint directory."""
+    """A local Hugging Face checkpoint directory, checked against its config.json when opened."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -172,6 +280,8 @@ class Checkpoint:
         self.arch = ARCHITECTURES[found]
         self.hparams = HParams.from_config(self.config, self.path / "config.json")
         self.entries = self._index()
+        self._validate()
+        self._check_tokenizer()
 
     def _files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -203,38 +313,94 @@ class Checkpoint:
                     if hf_name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise CheckpointError(f"{file}: unexpected tensor {hf_name} for {self.arch.hf_name}")
-                if info["dtype"] not in SUPPORTED_DTYPES:
-                    raise CheckpointError(
-                        f"{file}: tensor {hf_name} has dtype {info['dtype']}; supported: BF16, F16, F32"
-                    )
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-                if (
-                    end - begin != int(np.prod(shape)) * _ITEMSIZE[info["dtype"]]
-                    or data_start + end > file_size
-                ):
-                    raise CheckpointError(
-                        f"{file}: tensor {hf_name} data does not fit its shape or the file (corrupt?)"
-                    )
-                entries[gguf_name] = TensorEntry(
-                    hf_name, gguf_name, file, shape, info["dtype"], data_start + begin
-                )
+                if gguf_name in entries:
+                    raise CheckpointError(f"{file}: tensor {hf_name} is also in {entries[gguf_name].file}")
+                entries[gguf_name] = _entry(file, hf_name, gguf_name, info, data_start, file_size)
         return entries
 
-    def gguf_order(self) -> list[str]:
-        """GGUF tensor names in file order: embeddings, layers ascending, final norm, output."""
+    def _names(self) -> list[str]:
         names = ["token_embd.weight"]
         for i in range(self.hparams.n_layer):
             names += [f"blk.{i}.{part}.weight" for part in self.arch.layer_order]
         names.append("output_norm.weight")
         if not self.hparams.tie_word_embeddings:
             names.append("output.weight")
-        missing = [n for n in names if n not in self.entries]
-        if missing:
-            raise CheckpointError(
-                f"{self.path}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-            )
         return names
+
+    def hf_name(self, gguf_name: str) -> str:
+        """The Hugging Face name of a GGUF tensor name (for messages about absent tensors)."""
+        bid = _layer(gguf_name)
+        for pattern, template in self.arch.tensors:
+            if template.format(bid=bid) == gguf_name:
+                return pattern.replace(r"(\d+)", str(bid)).replace("\\.", ".")
+        return gguf_name
+
+    def expected_shape(self, gguf_name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The HF shape config.json implies for a tensor, and the config terms of each dimension."""
+        terms = dict(self.arch.shapes)[_part(gguf_name)]
+        dims = self.hparams.dims()
+        return tuple(dims[t] for t in terms), terms
+
+    def _validate(self) -> None:
+        """Every tensor's shape against config.json, before anything is planned or written:
+        llama.cpp refuses a file whose tensors disagree with its header, after the whole
+        conversion; this names the tensor, the expected and the found shape instead."""
+        hp, where = self.hparams, self.path / "config.json"
+        for e in self.entries.values():
+            bid = _layer(e.gguf_name)
+            if bid is not None and bid >= hp.n_layer:
+                raise CheckpointError(
+                    f"{e.file}: tensor {e.hf_name} is in layer {bid}, but {where} has "
+                    f"num_hidden_layers {hp.n_layer}"
+                )
+        names = self._names()
+        extra = [n for n in self.entries if n not in names]  # lm_head beside tied embeddings
+        for name in names + extra:
+            if name not in self.entries:
+                raise self._missing(name, names)
+            e = self.entries[name]
+            expected, terms = self.expected_shape(name)
+            if e.shape != expected:
+                raise CheckpointError(
+                    f"{e.file}: tensor {e.hf_name} has shape {_shape_str(e.shape)}, but {where} "
+                    f"expects {_shape_str(expected)} = ({', '.join(terms)})"
+                )
+
+    def _missing(self, name: str, names: list[str]) -> CheckpointError:
+        hp, where = self.hparams, self.path / "config.json"
+        bid = _layer(name)
+        if bid is not None and not any(_layer(n) == bid for n in self.entries):
+            return CheckpointError(
+                f"{self.path}: {where.name} has num_hidden_layers {hp.n_layer}, but the weights have "
+                f"no tensors of layer {bid} ({self.hf_name(name).split(f'.{bid}.')[0]}.{bid}.*)"
+            )
+        missing = [n for n in names if n not in self.entries]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        why = " (tie_word_embeddings is false)" if name == "output.weight" else ""
+        return CheckpointError(f"{self.path}: missing tensor {self.hf_name(name)}{more}{why}")
+
+    def _check_tokenizer(self) -> None:
+        """Token ids must be embedding rows: a tokenizer larger than vocab_size has no row for
+        its last tokens (the GGUF vocabulary is sized by vocab_size, as llama.cpp's converter)."""
+        path = self.path / "tokenizer.json"
+        if not path.is_file():
+            return  # metadata names the missing tokenizer
+        try:
+            tok = json.loads(path.read_text(encoding="utf-8"))
+            ids = [(int(i), t) for t, i in tok["model"]["vocab"].items()]
+            ids += [(int(a["id"]), a["content"]) for a in tok.get("added_tokens", [])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: cannot read the tokenizer ({type(exc).__name__}: {exc})") from exc
+        top, text = max(ids, default=(-1, ""))
+        if top >= self.hparams.n_vocab:
+            raise CheckpointError(
+                f"{path}: token {text!r} has id {top}, but config.json has vocab_size "
+                f"{self.hparams.n_vocab} (embedding rows 0-{self.hparams.n_vocab - 1})"
+            )
+
+    def gguf_order(self) -> list[str]:
+        """GGUF tensor names in file order: embeddings, layers ascending, final norm, output."""
+        return self._names()
 
     def load(self, gguf_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of one tensor as float32, in HF (torch) layout, read straight from
