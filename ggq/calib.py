@@ -38,12 +38,45 @@ class Calibration:
     seed: int
 
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, or one line saying why a path cannot be read as a file."""
+    if path.is_dir():
+        raise CalibrationError(f"{path}: a directory, not a text file")
     try:
-        return data.decode("utf-8")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"{path}: not found") from exc
+    except OSError as exc:
+        raise CalibrationError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """UTF-8 text that can serve as calibration text; anything else is named before any work
+    (an image or NUL-padded file would otherwise tokenize into windows of byte tokens)."""
+    if not data:
+        raise CalibrationError(f"{path}: empty file, no calibration text")
+    if data.startswith(UTF16_BOMS):
+        raise CalibrationError(f"{path}: UTF-16 text (byte order mark); calibration text must be UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise CalibrationError(f"{path}: binary data, not text (NUL byte at offset {nul})")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path}: not UTF-8 (byte offset {exc.start})") from exc
+        raise CalibrationError(
+            f"{path}: not UTF-8 (byte offset {exc.start}: 0x{data[exc.start]:02x}); re-encode the text as UTF-8"
+        ) from exc
+    if not text.strip():
+        raise CalibrationError(f"{path}: only whitespace, no calibration text")
+    return text
+
+
+def read_text(path: Path) -> str:
+    """A calibration text file, checked (see decode_text)."""
+    return decode_text(path, read_bytes(path))
 
 
 @dataclass(frozen=True)
@@ -103,8 +136,9 @@ def dataset_text(name: str, max_chars: int) -> str:
 def sample_windows(
     tokenizer_json: Path, text_path: Path, nsamples: int = 128, seqlen: int = 512, seed: int = 0
 ) -> Calibration:
-    text = read_text(text_path)
-    digest = hashlib.sha256(text_path.read_bytes()).hexdigest()
+    data = read_bytes(text_path)
+    text = decode_text(text_path, data)
+    digest = hashlib.sha256(data).hexdigest()
     return sample_text(tokenizer_json, text, str(text_path), text_path.name, digest, nsamples, seqlen, seed)
 
 
