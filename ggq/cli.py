@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -10,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import click
 from ggq import __version__
 from ggq.gguf.recipe import BITS_RECIPES
 from ggq.gguf.writer import TEMPORARIES, check_output_path
+
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: ppl's n_batch // n_ctx chunks decode side by side
 
 
 class UserError(click.ClickException):
@@ -219,6 +222,20 @@ def info(as_json: bool) -> None:
         sys.exit(1)
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """click's FloatRange lets NaN and inf through (every comparison with NaN is false)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
+def _csv(value: str, option: str, known: Iterable[str]) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise UserError(f"{option} {value!r}: empty; give one or more of {', '.join(known)}")
+    return items
+
+
 def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     pairs = []
     for v in values:
@@ -299,6 +316,7 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option(
     "--damp",
     type=click.FloatRange(min=0, min_open=True),
+    callback=_finite,
     default=0.01,
     show_default=True,
     help="GPTQ damping, a fraction of the mean Hessian diagonal.",
@@ -452,6 +470,11 @@ def ppl(
     from ggq.eval import report
     from ggq.eval.perplexity import PerplexityConfig
 
+    if n_batch // n_ctx > MAX_SEQUENCES:  # llama.cpp refuses the context; say why, not a traceback
+        raise UserError(
+            f"-b {n_batch} / -c {n_ctx}: {n_batch // n_ctx} chunks side by side, llama.cpp allows at most "
+            f"{MAX_SEQUENCES}; lower -b or raise -c"
+        )
     config = PerplexityConfig(
         n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads, n_gpu_layers=n_gpu_layers
     )
@@ -590,7 +613,14 @@ def bench(
 @click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seqlen", type=click.IntRange(min=8), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=4), default=512, show_default=True)
+@click.option(
+    "-c",
+    "--ctx-size",
+    "n_ctx",
+    type=click.IntRange(min=8),  # 2048-token batches: at most llama.cpp's 256 chunks side by side
+    default=512,
+    show_default=True,
+)
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate at most N chunks of each text.")
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
 @click.option("--no-reference", is_flag=True, help="Skip llama.cpp's own RTN and imatrix rows.")
@@ -619,13 +649,14 @@ def study(
     """The Qwen3 quantization study (arXiv 2505.02214) on GGUF: every method x bits, table, plots, JSON."""
     from rich.console import Console
 
+    from ggq import calib as calib_mod
     from ggq import study as study_mod
 
     console = Console(stderr=True)
     cfg = study_mod.StudyConfig(
         model=model,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        bits=tuple(b.strip() for b in bits.split(",") if b.strip()),
+        methods=_csv(methods, "--methods", ("rtn", "gptq", "awq", "awq+gptq")),
+        bits=_csv(bits, "--bits", BITS_RECIPES),
         texts=texts,
         out=out or Path(f"study-{model.name}"),
         base_type=base_type.upper(),
@@ -641,6 +672,8 @@ def study(
     )
     _on_signal(NewFiles.snapshot(cfg.out, "**/.*.tmp*"))  # llama-quantize/-imatrix outputs, JSON, plots
     try:
+        if calib is not None:  # a text that cannot serve fails before the base conversion
+            calib_mod.read_text(calib)
         doc = study_mod.Study(cfg, log=lambda m: console.print(m, soft_wrap=True)).run()
     except study_mod.USER_ERRORS as exc:
         raise UserError(str(exc)) from exc
