@@ -4,8 +4,12 @@ For each type, side by side in one run, on the same F32 GGUF (written by ggq) an
   llama.cpp RTN       llama-quantize F32 -> TYPE
   llama.cpp imatrix   llama-imatrix on the calibration text, then llama-quantize --imatrix
   ggq METHOD          ggq convert --method METHOD --type TYPE (--methods, default rtn,gptq)
-and prints file size, PPL, ΔPPL, mean KLD against F32 and same-top-1, from llama-perplexity's
---kl-divergence output, as a markdown table per text (--text may be given more than once).
+and prints file size, PPL ±, ΔPPL (against the plain F32 PPL), mean KLD ± against F32, the
+99.9 % KLD and same-top-1 ±, all from llama-perplexity's own output, as a markdown table per text
+(--text may be given more than once). A ggq file counts as better than llama.cpp's imatrix quant
+only when its mean KLD is lower by more than three times the two ±s combined and its same-top-1
+is higher. Defaults need nothing outside the repository: the embedded model, the shipped
+calibration text and the shipped held-out sample (the full held-out text is in ../shared).
 
     .venv/bin/python tools/bench_quality.py --types Q4_0,Q4_K_M,Q3_K_M,Q2_K --chunks 232 \
         --methods rtn,gptq,awq,awq+gptq --text ../shared/data/gutenberg-heldout/heldout.txt \
@@ -15,6 +19,7 @@ and prints file size, PPL, ΔPPL, mean KLD against F32 and same-top-1, from llam
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -24,7 +29,8 @@ from ggq import native
 from ggq.eval import llama_tools
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+CALIB = ROOT / "ggq" / "data" / "calibration" / "gutenberg-train-sample.txt"
+HELDOUT = ROOT / "models" / "qwen3-micro" / "heldout-sample.txt"
 
 
 def run(cmd: list[str]) -> str:
@@ -34,19 +40,54 @@ def run(cmd: list[str]) -> str:
     return out.stdout + out.stderr
 
 
+def print_table(
+    files: dict[tuple[str, str], Path], rows: dict[tuple[str, str], dict], f32_ppl: float
+) -> None:
+    print("| type | quant | MiB | PPL | ΔPPL | mean KLD | 99.9% KLD | same top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (t, label), r in rows.items():
+        mib = files[t, label].stat().st_size / 2**20
+        print(
+            f"| {t} | {label} | {mib:.2f} | {r['ppl']:.3f} ± {r['ppl_err']:.3f} | {r['ppl'] - f32_ppl:+.3f} "
+            f"| {r['kld']:.5f} ± {r['kld_err']:.5f} | {r['kld_p999']:.4f} "
+            f"| {100 * r['same_top']:.2f} ± {100 * r['same_top_err']:.2f}% |"
+        )
+
+
+def print_verdicts(rows: dict[tuple[str, str], dict]) -> None:
+    print(
+        "\nggq against llama.cpp imatrix of the same type (KLD ratio, same-top-1 and 99.9% KLD differences):"
+    )
+    for t, label in rows:
+        if not label.startswith("ggq ") or (t, "llama.cpp imatrix") not in rows:
+            continue
+        r, ri = rows[t, label], rows[t, "llama.cpp imatrix"]
+        margin, spread = ri["kld"] - r["kld"], math.hypot(ri["kld_err"], r["kld_err"])
+        top = 100 * (r["same_top"] - ri["same_top"])
+        better = margin > 3 * spread and top > 0
+        print(
+            f"  {t} {label}: KLD {r['kld'] / ri['kld']:.3f}x (margin {margin / spread:+.1f} ±), "
+            f"top-1 {top:+.2f} points, 99.9% KLD {r['kld_p999'] / ri['kld_p999']:.3f}x "
+            f"({'better' if better else 'NOT better'})"
+        )
+    q4 = [r["kld"] for (t, label), r in rows.items() if t == "Q4_0" and label.startswith("ggq ")]
+    if q4 and ("Q4_0", "llama.cpp RTN") in rows:
+        print(
+            f"  Q4_0 best ggq KLD / llama.cpp RTN Q4_0: {min(q4) / rows['Q4_0', 'llama.cpp RTN']['kld']:.3f}x"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "qwen3-micro")
-    ap.add_argument(
-        "--calib", type=Path, default=SHARED / "data" / "calibration" / "gutenberg-train-sample.txt"
-    )
+    ap.add_argument("--calib", type=Path, default=CALIB)
     ap.add_argument("--text", type=Path, action="append", help="judged text (repeatable; default: held-out)")
     ap.add_argument("--types", default="Q4_0,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--chunks", type=int, default=232)
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_quality")
     args = ap.parse_args()
-    texts: list[Path] = args.text or [SHARED / "data" / "gutenberg-heldout" / "heldout.txt"]
+    texts: list[Path] = args.text or [HELDOUT]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     ggq = [sys.executable, "-m", "ggq.cli", "convert", str(args.model), "--force"]
@@ -107,40 +148,14 @@ def main() -> int:
         # ΔPPL against the plain F32 PPL: --kl-divergence's "Mean PPL(base)" reads low (16-bit logits)
         base = work / "f32.kld"
         f32_ppl, _ = llama_tools.ppl(f32, text, chunks=args.chunks, kl_divergence_base=base)
-        rows = []
-        for (t, label), path in files.items():
-            r = llama_tools.kld(path, base, chunks=args.chunks)
-            rows.append(
-                (
-                    t,
-                    label,
-                    path.stat().st_size / 2**20,
-                    r["ppl"],
-                    r["ppl"] - f32_ppl,
-                    r["kld"],
-                    r["top1"],
-                )
-            )
+        rows = {key: llama_tools.kld_stats(path, base, chunks=args.chunks) for key, path in files.items()}
         (work / "f32.kld").unlink()
         print(
             f"\n{args.model.name}, {text.name}, {args.chunks} chunks of 512, F32 PPL {f32_ppl:.3f} "
             f"(llama-perplexity --kl-divergence against ggq's F32 GGUF; calibration {args.calib.name})\n"
         )
-        print("| type | quant | MiB | PPL | ΔPPL | mean KLD | same top-1 |")
-        print("|---|---|---|---|---|---|---|")
-        for t, label, mib, ppl, dppl, k, top in rows:
-            print(f"| {t} | {label} | {mib:.2f} | {ppl:.3f} | {dppl:+.3f} | {k:.5f} | {top:.2f}% |")
-        by = {(t, label): (k, top) for t, label, _, _, _, k, top in rows}
-        print("\nggq against llama.cpp imatrix of the same type (KLD ratio, same-top-1 difference):")
-        for t, label in files:
-            if label.startswith("ggq ") and (t, "llama.cpp imatrix") in by:
-                (k, top), (ki, topi) = by[t, label], by[t, "llama.cpp imatrix"]
-                verdict = "better" if k < ki and top > topi else "NOT better"
-                print(f"  {t} {label}: KLD {k / ki:.3f}x, top-1 {top - topi:+.2f} points ({verdict})")
-        q4 = [k for (t, label), (k, _) in by.items() if t == "Q4_0" and label.startswith("ggq ")]
-        if q4 and ("Q4_0", "llama.cpp RTN") in by:
-            ratio = min(q4) / by["Q4_0", "llama.cpp RTN"][0]
-            print(f"  Q4_0 best ggq KLD / llama.cpp RTN Q4_0: {ratio:.3f}x")
+        print_table(files, rows, f32_ppl)
+        print_verdicts(rows)
     return 0
 
 
