@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ggq import ggml
+from ggq.solvers.reductions import gram, one_thread, total
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ def output_error(
     """sum_i ||X (W_i - Q(W_i * cols) / cols)^T||^2 from H = X^T X (on any device), with the
     quantizer's importance the mean square of the scaled input X / cols."""
     importance = (mean_sq / cols**2).astype(np.float32)
-    total = 0.0
+    loss = 0.0
     for w, type_name in weights:
         q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
         e = torch.from_numpy(w - q).to(h.device)  # (rows, n_in)
-        total += float(((e @ h) * e).sum())
-    return total
+        loss += total((e @ h) * e)
+    return loss
 
 
 def _per_channel(values: np.ndarray, channel: np.ndarray) -> np.ndarray:
@@ -140,10 +141,11 @@ def refit_norm(
     b = torch.zeros(hd.shape[0], dtype=torch.float64, device=hd.device)
     for w, q in pairs:
         qt = torch.from_numpy(q).to(hd.device, torch.float64)
-        a += hd * (qt.T @ qt)
+        a += hd * gram(qt)
         b += (qt * (torch.from_numpy(w).to(hd.device, torch.float64) @ hd)).sum(0)
     lam = ridge * float(torch.diag(a).mean())
-    u = torch.linalg.solve(a + lam * torch.eye(len(b), dtype=torch.float64, device=hd.device), b + lam)
+    with one_thread():  # MKL's LU differs between thread counts
+        u = torch.linalg.solve(a + lam * torch.eye(len(b), dtype=torch.float64, device=hd.device), b + lam)
     return u.to(torch.float32).cpu().numpy()
 
 
@@ -183,8 +185,8 @@ def clip_search(
         best[better] = wc[better]
     clipped = best.reshape(rows, cols).cpu().numpy()
 
-    def total(v: np.ndarray) -> float:
+    def loss(v: np.ndarray) -> float:
         e = torch.from_numpy(w - quantized_weights(v, type_name, importance)).to(h.device)
-        return float(((e @ h) * e).sum())
+        return total((e @ h) * e)
 
-    return clipped if total(clipped) < total(w) else w
+    return clipped if loss(clipped) < loss(w) else w

@@ -18,6 +18,10 @@ on the CPU in numpy. The layer's weights live on the CPU (what the encoders read
 copy, refreshed only when a weight changes (fold, quantize, refit). On the CPU both are the same
 tensors and the results are those of the plain CPU code, bit for bit.
 
+Threads: the long sums (X^T X, AWQ's losses and refit) are taken in a fixed order and the
+factorizations (GPTQ's inverse Cholesky, the refit's solve) on one thread (reductions.py), so
+the bytes on the CPU do not depend on torch's, MKL's or the encoders' thread counts.
+
 Each linear's input energy (sum of x^2 per input column and the token count, llama.cpp's imatrix
 entry) is taken from the input it reads in the written model: with AWQ the folded model's, with
 the quantized tensors before it, and the refit norms applied.
@@ -37,6 +41,7 @@ from ggq.checkpoint import Checkpoint, HParams
 from ggq.gguf import recipe
 from ggq.solvers import awq
 from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
+from ggq.solvers.reductions import gram, one_thread
 
 METHODS = ("gptq", "awq", "awq+gptq")
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,9 +94,8 @@ def resolve_device(name: str) -> str:
 
 
 def hessian(x: torch.Tensor) -> np.ndarray:
-    """sum over tokens of x x^T, in float64: (n_in, n_in)."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return (flat.T @ flat).cpu().numpy()
+    """sum over tokens of x x^T, in float64: (n_in, n_in), the same bits at any thread count."""
+    return gram(x).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class InputStats:
             mean_sq=mean_sq,
             sum_sq=mean_sq.astype(np.float64) * flat.shape[0],  # float32 precision, as llama-imatrix sums
             tokens=flat.shape[0],
-            h_sample=sample.T @ sample,
+            h_sample=gram(sample, torch.float32).to(torch.float32),
             h_full=hessian(x) if full else None,
         )
 
@@ -210,7 +214,10 @@ class _Layer:
                 q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.uses_gptq:
                 assert stats.h_full is not None
-                res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
+                with one_thread():  # MKL's Cholesky differs between thread counts
+                    res = gptq(
+                        wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order
+                    )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
             else:

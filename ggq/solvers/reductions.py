@@ -1,0 +1,77 @@
+"""Sums whose bits do not depend on the number of threads.
+
+The solvers' decisions (GPTQ's rounding, AWQ's choice of scales and clips) rest on sums over
+many terms, and a sum's last bits depend on the order of its additions. Measured on the CPU
+build of torch (MKL, OpenMP): X^T X over 8192 tokens differs between 1 and 2 threads (MKL
+splits the long inner dimension across its threads and adds the partial products), a full
+``tensor.sum()`` over more than 32768 elements is split by the thread count, and MKL's Cholesky
+and LU factorizations differ between 1, 2 and 4 threads even at n = 256. Products whose inner
+dimension is short (a layer's forward, GPTQ's block update) and reductions over one dimension
+(``mean(0)``: each output element is summed by one thread) gave the same bits at every count.
+
+Here the long sums are taken in an order fixed by the data alone: :func:`gram` adds the
+products of fixed chunks of rows in chunk order, each product on one BLAS thread (threads work
+on different output columns), :func:`total` sums with numpy, and
+:func:`one_thread` pins torch (and MKL) to one thread around a factorization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+GRAM_ROWS = 1024  # rows per partial product of gram(): with GRAM_COLS, the order of its sums
+GRAM_COLS = 128  # output columns per task of gram()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op threads (OpenMP and MKL, process-wide) set to 1, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """sum over the rows r of ``x`` (..., n) of r^T r: (n, n) float64 on x's device.
+
+    The rows are taken GRAM_ROWS at a time, each chunk's product computed in ``dtype`` and the
+    products added in float64 in chunk order. On the CPU the output is cut into column blocks of
+    GRAM_COLS, one task each, run on ``torch.get_num_threads()`` Python threads (the products
+    release the GIL) with every product on one BLAS thread: the parallelism stays, the bits are
+    those of one thread. On another device the chunks run one after the other on its stream.
+    """
+    flat = x.reshape(-1, x.shape[-1])  # (rows, n)
+    rows, n = flat.shape
+
+    def columns(j0: int, j1: int) -> torch.Tensor:  # (n, j1 - j0): columns j0..j1 of the result
+        acc = torch.zeros(n, j1 - j0, dtype=torch.float64, device=flat.device)
+        for start in range(0, rows, GRAM_ROWS):
+            c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n)
+            acc += (c.T @ c[:, j0:j1]).to(torch.float64)
+        return acc
+
+    if flat.device.type != "cpu":
+        return columns(0, n)
+    blocks = [(j, min(j + GRAM_COLS, n)) for j in range(0, n, GRAM_COLS)]
+    workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda b: columns(*b), blocks))
+    return torch.cat(parts, dim=1) if parts else torch.zeros(n, n, dtype=torch.float64)
+
+
+def total(t: torch.Tensor) -> float:
+    """The sum of every element of ``t`` (..., n) in float64, by numpy (pairwise, on one thread);
+    on another device each row is summed there (a reduction over rows is split by rows, never
+    within one) and numpy adds the row sums."""
+    if t.device.type == "cpu":
+        return float(np.sum(t.detach().numpy(), dtype=np.float64))
+    rows = t.reshape(-1, t.shape[-1]).sum(dim=-1, dtype=torch.float64)  # (rows,): one row per thread
+    return float(np.sum(rows.cpu().numpy()))

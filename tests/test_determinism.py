@@ -1,0 +1,202 @@
+"""Same inputs and seed give the same bytes whatever the thread count.
+
+On the CPU build of torch (MKL, OpenMP) a long sum's last bits depend on the thread count: X^T X
+over 8192 tokens differs between 1 and 2 threads, as do MKL's Cholesky and LU factorizations.
+The solvers take those sums in a fixed order (ggq/solvers/reductions.py). Two checks:
+
+- the files: ``ggq convert`` in separate processes, one with OMP/MKL at 1 thread and one encoder
+  thread, one with torch at all cores (at least 2) and the default encoder pool, give the same
+  bytes for gptq, awq and awq+gptq at k-quant types with --act-order;
+- the floats under the files: every statistic and search result the solvers decide on is the
+  same bit for bit at 1, 2 and 4 torch threads (4 oversubscribes a 2-core machine), on inputs
+  long enough that plain products differ. Bytes hide most last-bit differences (GPTQ rounds in
+  float32), so this is the check that fails first when a sum starts to depend on threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ggq import qwen3, testing
+from ggq.checkpoint import Checkpoint
+from ggq.convert import ConvertOptions, make_plan
+from ggq.gguf import read_gguf
+from ggq.gguf import recipe as rc
+from ggq.solvers import awq
+from ggq.solvers.layerwise import InputStats, LayerReport, SolverOptions, solve_layer
+from ggq.solvers.reductions import GRAM_COLS, GRAM_ROWS, gram, one_thread, total
+
+# 256-wide rows and 512-wide ffn_down rows: whole 256-blocks, so every k-quant applies unchanged
+WIDE = testing.Qwen3Spec(
+    hidden_size=256,
+    head_dim=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=512,
+    num_hidden_layers=1,
+    vocab_size=1024,
+    tie_word_embeddings=False,
+    seed=11,
+)
+CASES = (("gptq", "Q4_K_M"), ("awq", "Q3_K_M"), ("awq+gptq", "Q4_K_M"))
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# the console script with torch's threads set first: a count above the cores is reachable this
+# way only (torch caps OMP_NUM_THREADS at the core count)
+WITH_TORCH_THREADS = "import sys, torch; torch.set_num_threads(int(sys.argv.pop(1))); from ggq.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return testing.build_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
+
+
+def _convert(
+    model: Path, out: Path, method: str, qtype: str, torch_threads: int | None, encoders: int
+) -> None:
+    """``ggq convert`` in a fresh process: OMP/MKL at 1 thread (``torch_threads`` None) or torch
+    at ``torch_threads`` with the thread variables unset."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    args = ["convert", str(model), "-o", str(out), "--method", method, "--type", qtype, "--act-order"]
+    args += ["--nsamples", "8", "--seqlen", "256", "--seed", "3", "--threads", str(encoders)]
+    if torch_threads is None:
+        env.update(dict.fromkeys(THREAD_VARS, "1"))
+        cmd = [str(Path(sys.executable).with_name("ggq")), *args]
+    else:
+        cmd = [sys.executable, "-c", WITH_TORCH_THREADS, str(torch_threads), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _differences(a: Path, b: Path) -> list[str]:
+    """Keys and tensors that differ between two GGUF files, for the failure message."""
+    ga, gb = read_gguf(a), read_gguf(b)
+    keys = sorted(
+        k
+        for k in ga.metadata.keys() | gb.metadata.keys()
+        if repr(ga.metadata.get(k)) != repr(gb.metadata.get(k))  # values may be arrays
+    )
+    tensors = [
+        n
+        for n in ga.tensors
+        if n not in gb.tensors or ga.tensor_data(n).tobytes() != gb.tensor_data(n).tobytes()
+    ]
+    return keys + tensors
+
+
+@pytest.mark.parametrize(("method", "qtype"), CASES)
+def test_convert_bytes_do_not_depend_on_threads(wide: Path, tmp_path: Path, method: str, qtype: str) -> None:
+    many = max(2, os.cpu_count() or 1)
+    one_path, many_path = tmp_path / "one" / "x.gguf", tmp_path / "many" / "x.gguf"
+    one_path.parent.mkdir()
+    many_path.parent.mkdir()
+    _convert(wide, one_path, method, qtype, None, encoders=1)
+    _convert(wide, many_path, method, qtype, many, encoders=0)
+    one, other = one_path.read_bytes(), many_path.read_bytes()
+    assert one == other, f"1 vs {many} threads: {_differences(one_path, many_path)}"
+    meta = read_gguf(one_path).metadata
+    assert meta["ggq.method"] == method and meta["ggq.calibration.seed"] == 3
+    assert not [k for k in meta if any(w in k for w in ("thread", "device", "time", "host", "path"))]
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _digest(*arrays: object) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        t = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(np.ascontiguousarray(t).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _solver_floats(ckpt: Checkpoint) -> dict[str, str]:
+    """Digests of what the solvers decide on, for inputs of 12288 tokens (plain X^T X over
+    8192 tokens already differs between 1 and 2 threads)."""
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy((rng.standard_normal((12288, 256)) * (1 + 3 * rng.random(256))).astype(np.float32))
+    w = (rng.standard_normal((512, 256)) * 0.02).astype(np.float32)
+    st = InputStats.of(x, search_tokens=16384, full=True)
+    out = {
+        "h_full": _digest(st.h_full),
+        "h_sample": _digest(st.h_sample),
+        "means": _digest(st.mean_abs, st.mean_sq),
+        "awq.output_error": _digest(
+            awq.output_error([(w, "Q4_K")], st.h_sample, st.mean_sq, np.ones(256, np.float32))
+        ),
+        "awq.clip_search": _digest(awq.clip_search(w, "Q4_K", st.mean_sq, st.h_sample)),
+        "awq.refit_norm": _digest(awq.refit_norm([(w, awq.quantized_weights(w, "Q4_K", None))], st.h_sample)),
+    }
+    hp = ckpt.hparams
+    types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions("Q4_K_M")))}
+    h = torch.from_numpy(
+        rng.standard_normal((16, 512, 256)).astype(np.float32)
+    )  # (B, T, n_embd): 8192 tokens
+    opts = SolverOptions(method="awq+gptq", act_order=True)
+    with torch.no_grad():
+        layer_out, res = solve_layer(
+            h, qwen3.load_layer(ckpt, 0), hp, qwen3.Rope.build(hp, 512), types, opts, LayerReport(0)
+        )
+    out["solve_layer.output"] = _digest(layer_out)
+    out["solve_layer.tensors"] = _digest(*(res.tensors[k] for k in sorted(res.tensors)))
+    out["solve_layer.act_sums"] = _digest(*(res.act_sums[k][0] for k in sorted(res.act_sums)))
+    return out
+
+
+def test_solver_floats_do_not_depend_on_threads(wide: Path) -> None:
+    ckpt = Checkpoint(wide)
+    found = {}
+    for n in (1, 2, 4):
+        with _threads(n):
+            found[n] = _solver_floats(ckpt)
+    for n in (2, 4):
+        assert found[n] == found[1], (
+            f"differ at {n} threads: {[k for k in found[1] if found[n][k] != found[1][k]]}"
+        )
+
+
+def test_one_thread_pins_the_factorizations() -> None:
+    """GPTQ's inverse Cholesky and the AWQ norm refit's solve run under one_thread(): MKL's
+    factorizations differ between 1, 2 and 4 threads even at n = 256 (their last bits reach
+    the files only by rare chance, through float32 roundings), and the pin must hold them to
+    the bits of one thread whatever the caller's count."""
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((1024, 256)))
+    h = x.T @ x + 0.01 * torch.eye(256, dtype=torch.float64)  # (256, 256) positive definite
+    before = torch.get_num_threads()
+    found = {}
+    for n in (1, 2, 4):
+        with _threads(n), one_thread():
+            upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+            found[n] = _digest(upper, torch.linalg.solve(h, torch.ones(256, dtype=torch.float64)))
+    assert found[2] == found[1] and found[4] == found[1]
+    assert torch.get_num_threads() == before
+
+
+def test_gram_and_total_are_the_plain_sums() -> None:
+    """The fixed-order sums are the sums: against numpy's float64 X^T X and math.fsum, with a
+    row count that is not a whole number of chunks and a width that is not one of column blocks."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2 * GRAM_ROWS + 77, GRAM_COLS + 40)).astype(np.float32)
+    ref = x.astype(np.float64).T @ x.astype(np.float64)
+    np.testing.assert_allclose(gram(torch.from_numpy(x)).numpy(), ref, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(gram(torch.from_numpy(x), torch.float32).numpy(), ref, rtol=1e-5, atol=1e-2)
+    assert gram(torch.from_numpy(x[:0])).shape == (x.shape[1], x.shape[1])
+    assert total(torch.from_numpy(x)) == pytest.approx(math.fsum(x.astype(np.float64).ravel()), rel=1e-12)
