@@ -25,6 +25,7 @@ import torch
 from ggq import ggml
 from ggq.ggml import iq4, kquants, legacy
 from ggq.ggml.floats import fp16_field
+from ggq.solvers.reductions import one_thread
 
 F32 = np.float32
 
@@ -188,12 +189,13 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
         tried = damp * 10**k
         damped = h.clone()  # h + tried * mean_diag * I without building n x n identities
         damped.diagonal().add_(tried * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        with one_thread():  # MKL's factorizations differ between thread counts
+            chol, info = torch.linalg.cholesky_ex(damped)
+            if int(info) != 0:
+                continue
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper, tried
+            return upper, tried
     raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
 
 

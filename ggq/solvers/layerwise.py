@@ -41,7 +41,7 @@ from ggq.checkpoint import Checkpoint, HParams
 from ggq.gguf import recipe
 from ggq.solvers import awq
 from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
-from ggq.solvers.reductions import gram, one_thread
+from ggq.solvers.reductions import gram
 
 METHODS = ("gptq", "awq", "awq+gptq")
 DEVICES = ("auto", "cpu", "cuda")
@@ -214,10 +214,7 @@ class _Layer:
                 q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.uses_gptq:
                 assert stats.h_full is not None
-                with one_thread():  # MKL's Cholesky differs between thread counts
-                    res = gptq(
-                        wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order
-                    )
+                res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
             else:
