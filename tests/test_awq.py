@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ggq import qwen3
+from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertError, ConvertOptions, convert
@@ -132,9 +132,7 @@ def test_awq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) ->
     assert "token_embd.weight" not in changed and "blk.3.attn_q_norm.weight" not in changed
 
 
-def test_awq_is_closer_to_f32_than_rtn(
-    micro_files: dict[str, Path], heldout: Path, tmp_path: Path
-) -> None:
+def test_awq_is_closer_to_f32_than_rtn(micro_files: dict[str, Path], heldout: Path, tmp_path: Path) -> None:
     """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text (ggq's RTN
     file is byte-identical to llama-quantize's Q4_0)."""
     text = heldout
@@ -171,7 +169,7 @@ def test_float_linears_are_folded_and_stay_float(checkpoint, tmp_path: Path) -> 
 
 def test_awq_gptq_untargetable_type_is_one_line(qwen3_micro: Path, tmp_path: Path) -> None:
     """Checked before any calibration work (qwen3-micro's 256-wide rows take 256-blocks as is)."""
-    unsupported = sorted(set(rc.BLOCK_SIZE) - set(rc.FLOAT_TYPES) - set(supported_types()))
+    unsupported = sorted(set(ggml.FORMATS) - set(ggml.FLOAT_TYPES) - set(supported_types()))
     if not unsupported:
         pytest.skip("GPTQ targets every block type")
     out = tmp_path / "x.gguf"

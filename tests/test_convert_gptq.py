@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ggq import ggml
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions, convert
@@ -55,9 +56,7 @@ def test_gptq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -
     assert any(".ffn_down." in n for n in changed) and "token_embd.weight" not in changed
 
 
-def test_gptq_is_closer_to_f32_than_rtn(
-    micro_files: dict[str, Path], heldout: Path, tmp_path: Path
-) -> None:
+def test_gptq_is_closer_to_f32_than_rtn(micro_files: dict[str, Path], heldout: Path, tmp_path: Path) -> None:
     """Judged by llama.cpp itself: llama-perplexity's KL-divergence on held-out text."""
     text = heldout
     base = llama_tools.kld_base(micro_files["F32"], text, tmp_path / "base.kld", chunks=12)
@@ -80,7 +79,7 @@ def test_gptq_is_deterministic(checkpoint, tmp_path: Path) -> None:
 
 def test_gptq_untargetable_type_is_one_line(qwen3_micro: Path, tmp_path: Path) -> None:
     """A type GPTQ has no target for (qwen3-micro's 256-wide rows take 256-blocks without fallback)."""
-    unsupported = sorted(set(rc.BLOCK_SIZE) - set(rc.FLOAT_TYPES) - set(supported_types()))
+    unsupported = sorted(set(ggml.FORMATS) - set(ggml.FLOAT_TYPES) - set(supported_types()))
     if not unsupported:
         pytest.skip("GPTQ targets every block type")
     out = tmp_path / "x.gguf"

@@ -108,9 +108,7 @@ def test_special_token_text_is_tokenized_as_plain_text(
     assert_same_estimate(ggq_ppl(tied["F32"], path, 128, 4), llama_perplexity(tied["F32"], path, 128, 4))
 
 
-def test_qwen3_micro_ppl_equals_llama_perplexity(
-    qwen3_micro: Path, heldout: Path, tmp_path: Path
-) -> None:
+def test_qwen3_micro_ppl_equals_llama_perplexity(qwen3_micro: Path, heldout: Path, tmp_path: Path) -> None:
     gguf = to_gguf(qwen3_micro, tmp_path / "micro-f32.gguf")
     text = heldout
     ours = ggq_ppl(gguf, text, 512, 8)
