@@ -76,26 +76,12 @@ def tensor_specs(ckpt: Checkpoint) -> list[recipe.TensorSpec]:
     return specs
 
 
-def nbytes(shape: tuple[int, ...], type_name: str) -> int:
-    """Bytes of a tensor in a ggml type (gguf-py's table: planning needs no encoder)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    return int(np.prod(shape)) // block * size
-
-
-def type_id(type_name: str) -> int:
-    from gguf.constants import GGMLQuantizationType
-
-    return int(GGMLQuantizationType[type_name])
-
-
 def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
     hp = ckpt.hparams
     shape = recipe.ModelShape(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv)
     specs = tensor_specs(ckpt)
     types = recipe.plan(specs, shape, opts.recipe)
-    return [PlannedTensor(s.name, s.shape, types[s.name], nbytes(s.shape, types[s.name])) for s in specs]
+    return [PlannedTensor(s.name, s.shape, types[s.name], ggml.nbytes(types[s.name], s.shape)) for s in specs]
 
 
 def bits_per_weight(tensors: list[PlannedTensor]) -> float:
@@ -213,7 +199,7 @@ def convert(
         for key, value in model_kv(ckpt, ft.llama_ftype, prov).items():
             writer.add_kv(key, value)
         for t in plan:
-            writer.add_tensor_info(t.name, t.shape, type_id(t.type), t.nbytes)
+            writer.add_tensor_info(t.name, t.shape, ggml.ggml_type(t.type).type_id, t.nbytes)
         writer.begin_data()
         layer: dict[str, object] = {}
         current: int | None = None
@@ -228,7 +214,7 @@ def convert(
                 assert isinstance(data, np.ndarray)
                 writer.write_tensor(t.name, data)
             else:
-                imat = imatrix.get(t.name) if imatrix and t.type not in recipe.FLOAT_TYPES else None
+                imat = imatrix.get(t.name) if imatrix and not ggml.is_float(t.type) else None
                 writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
             if progress:
                 progress(t)

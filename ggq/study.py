@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ggq import __version__, native
+from ggq import __version__, ggml, native
 from ggq.gguf import recipe as rc
 from ggq.hashing import sha256_file
 
@@ -174,8 +174,8 @@ class Study:
         for b in cfg.bits:
             if b not in rc.BITS_RECIPES:
                 raise StudyError(f"--bits: {b!r} is not one of {', '.join(rc.BITS_RECIPES)}")
-        if cfg.base_type not in rc.FLOAT_TYPES:
-            raise StudyError(f"--base-type {cfg.base_type}: expected one of {', '.join(rc.FLOAT_TYPES)}")
+        if cfg.base_type not in ggml.FLOAT_TYPES:
+            raise StudyError(f"--base-type {cfg.base_type}: expected one of {', '.join(ggml.FLOAT_TYPES)}")
         if not cfg.model.is_dir():
             raise StudyError(f"{cfg.model}: not a checkpoint folder")
         for t in cfg.texts:

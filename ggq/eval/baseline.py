@@ -12,13 +12,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from ggq import native
+from ggq import ggml, native
 from ggq.eval.perplexity import PerplexityError
 from ggq.gguf import GGUFFormatError, read_gguf
 from ggq.gguf import recipe as rc
 from ggq.hashing import sha256_file
 
-FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in rc.FLOAT_TYPES}
+FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in ggml.FLOAT_TYPES}
 
 
 def cache_dir() -> Path:

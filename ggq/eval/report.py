@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ggq import ggml
 from ggq.eval.baseline import q4_0_baseline
 from ggq.eval.kld import KldStats
 from ggq.eval.perplexity import (
@@ -88,7 +89,7 @@ class Row:
 
 def type_label(info: FileInfo) -> str:
     """ "Q4_K_M ggq awq", "Q4_0 llama.cpp" (a quant ggq did not make), "F32"."""
-    if info.type in rc.FLOAT_TYPES:
+    if info.type in ggml.FLOAT_TYPES:
         return info.type
     return f"{info.type} ggq {info.method}" if info.method else f"{info.type} llama.cpp"
 

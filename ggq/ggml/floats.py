@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggq.ggml.registry import BlockFormat, register
+from ggq.ggml.registry import register
 
 
 def fp32_to_fp16_bits(x: np.ndarray) -> np.ndarray:
@@ -93,6 +93,6 @@ def dequantize_bf16(raw: np.ndarray) -> np.ndarray:
     return bf16_bits_to_fp32(h).reshape(-1, 1)
 
 
-register(BlockFormat("F32", 0, 1, 4, quantize_f32, dequantize_f32))
-register(BlockFormat("F16", 1, 1, 2, quantize_f16, dequantize_f16))
-register(BlockFormat("BF16", 30, 1, 2, quantize_bf16, dequantize_bf16))
+register("F32", quantize_f32, dequantize_f32)
+register("F16", quantize_f16, dequantize_f16)
+register("BF16", quantize_bf16, dequantize_bf16)

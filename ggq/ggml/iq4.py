@@ -23,7 +23,7 @@ from ggq.ggml.legacy import (
     seq_sum,
     unpack_nibbles,
 )
-from ggq.ggml.registry import BlockFormat, register
+from ggq.ggml.registry import register
 
 F32 = np.float32
 QK4_NL = 32
@@ -138,5 +138,5 @@ def dequantize_iq4_xs(raw: np.ndarray) -> np.ndarray:
     return (dl.reshape(-1, 1) * KVALUES_IQ4NL[codes]).reshape(nsb, 256)
 
 
-register(BlockFormat("IQ4_NL", 20, QK4_NL, 18, quantize_iq4_nl, dequantize_iq4_nl))
-register(BlockFormat("IQ4_XS", 23, QK_K, 136, quantize_iq4_xs, dequantize_iq4_xs))
+register("IQ4_NL", quantize_iq4_nl, dequantize_iq4_nl)
+register("IQ4_XS", quantize_iq4_xs, dequantize_iq4_xs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ggq.ggml.registry import BlockFormat, QuantError, register
+from ggq.ggml.registry import QuantError, ggml_type, register
 
 QK_K = 256
 
@@ -567,8 +567,6 @@ class KQuantType:
     """One K-quant type: its geometry, code range, and the type-specific steps."""
 
     name: str
-    type_id: int
-    type_size: int
     sub: int  # weights per sub-block (16 or 32)
     lo: int  # code range before the bias: l in [lo, hi], stored code = l + bias
     hi: int
@@ -576,6 +574,14 @@ class KQuantType:
     choose: Callable[[np.ndarray, np.ndarray | None], KScales]
     pack: Callable[[np.ndarray, KScales], np.ndarray]
     unpack: Callable[[np.ndarray], tuple[np.ndarray, KScales]]
+
+    @property
+    def type_id(self) -> int:
+        return ggml_type(self.name).type_id
+
+    @property
+    def type_size(self) -> int:
+        return ggml_type(self.name).type_size
 
     @property
     def has_min(self) -> bool:
@@ -653,11 +659,11 @@ class KQuantType:
 KQUANTS: dict[str, KQuantType] = {
     t.name: t
     for t in (
-        KQuantType("Q2_K", 10, 84, 16, 0, 3, 0, _choose_q2_k, _pack_q2_k, _unpack_q2_k),
-        KQuantType("Q3_K", 11, 110, 16, -4, 3, 4, _choose_q3_k, _pack_q3_k, _unpack_q3_k),
-        KQuantType("Q4_K", 12, 144, 32, 0, 15, 0, _choose_q4_k, _pack_q4_k, _unpack_q4_k),
-        KQuantType("Q5_K", 13, 176, 32, 0, 31, 0, _choose_q5_k, _pack_q5_k, _unpack_q5_k),
-        KQuantType("Q6_K", 14, 210, 16, -32, 31, 32, _choose_q6_k, _pack_q6_k, _unpack_q6_k),
+        KQuantType("Q2_K", 16, 0, 3, 0, _choose_q2_k, _pack_q2_k, _unpack_q2_k),
+        KQuantType("Q3_K", 16, -4, 3, 4, _choose_q3_k, _pack_q3_k, _unpack_q3_k),
+        KQuantType("Q4_K", 32, 0, 15, 0, _choose_q4_k, _pack_q4_k, _unpack_q4_k),
+        KQuantType("Q5_K", 32, 0, 31, 0, _choose_q5_k, _pack_q5_k, _unpack_q5_k),
+        KQuantType("Q6_K", 16, -32, 31, 32, _choose_q6_k, _pack_q6_k, _unpack_q6_k),
     )
 }
 
@@ -705,4 +711,4 @@ def step_offset(type_name: str, scales: KScales) -> tuple[np.ndarray, np.ndarray
 
 
 for _t in KQUANTS.values():
-    register(BlockFormat(_t.name, _t.type_id, QK_K, _t.type_size, _t.quantize_blocks, _t.dequantize_blocks))
+    register(_t.name, _t.quantize_blocks, _t.dequantize_blocks)

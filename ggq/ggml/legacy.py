@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggq.ggml.floats import fp16_bytes, fp16_field
-from ggq.ggml.registry import BlockFormat, QuantError, register
+from ggq.ggml.registry import QuantError, register
 
 F32 = np.float32
 QK = 32  # weights per block, every legacy type
@@ -314,8 +314,8 @@ def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
     return raw[:, 2:34].view(np.int8).astype(F32) * d[:, None]
 
 
-register(BlockFormat("Q4_0", 2, QK, 18, quantize_q4_0, dequantize_q4_0, row_stats=True))
-register(BlockFormat("Q4_1", 3, QK, 20, quantize_q4_1, dequantize_q4_1, row_stats=True))
-register(BlockFormat("Q5_0", 6, QK, 22, quantize_q5_0, dequantize_q5_0, row_stats=True))
-register(BlockFormat("Q5_1", 7, QK, 24, quantize_q5_1, dequantize_q5_1, row_stats=True))
-register(BlockFormat("Q8_0", 8, QK, 34, quantize_q8_0, dequantize_q8_0))
+register("Q4_0", quantize_q4_0, dequantize_q4_0, row_stats=True)
+register("Q4_1", quantize_q4_1, dequantize_q4_1, row_stats=True)
+register("Q5_0", quantize_q5_0, dequantize_q5_0, row_stats=True)
+register("Q5_1", quantize_q5_1, dequantize_q5_1, row_stats=True)
+register("Q8_0", quantize_q8_0, dequantize_q8_0)

@@ -1,4 +1,10 @@
-"""Registry of ggml tensor types: each a pair quantize_blocks / dequantize_blocks.
+"""ggml's type table, and the registry of the types ggq encodes: each a pair quantize_blocks /
+dequantize_blocks.
+
+``GGML_TYPES`` is the one place ggq writes down a ggml type's id, block size, bytes per block
+and float-ness: every type of the pinned ggml (``enum ggml_type``, ``type_traits`` in ggml.c),
+encodable here or not, so that the reader sizes any file's tensors and the planner sizes a
+plan without an encoder. ``FORMATS`` holds the types a family module registers an encoder for.
 
 A block format works on ``(n_blocks, block_size)`` float32 arrays and ``(n_blocks, type_size)``
 uint8 arrays, fully vectorised. ``quantize`` / ``dequantize`` take whole rows; a row is a whole
@@ -10,7 +16,8 @@ bytes, many times faster) and with the numpy ``quantize_blocks`` otherwise; ``im
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -29,11 +36,97 @@ class QuantError(ValueError):
 
 
 @dataclass(frozen=True)
-class BlockFormat:
+class GGMLType:
     name: str  # ggml's type name, upper case: "Q4_0", "Q4_K", "F16"
-    type_id: int  # enum ggml_type
+    type_id: int  # enum ggml_type, as a GGUF tensor info stores it
     block_size: int  # weights per block
     type_size: int  # bytes per block
+    is_float: bool = False  # stored as plain floats (never quantized by a recipe)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Bytes of a tensor of ggml ``shape`` (ne[0], the row length, first) in this type."""
+        return math.prod(shape) // self.block_size * self.type_size
+
+
+# enum ggml_type and ggml.c's type_traits at the pinned commit (ids 4, 5, 31..33, 36..38 are
+# removed types); tests/test_ggml_types.py holds it against ggml, gguf-py and ggq._quants
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in (
+        GGMLType("F32", 0, 1, 4, is_float=True),
+        GGMLType("F16", 1, 1, 2, is_float=True),
+        GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20),
+        GGMLType("Q5_0", 6, 32, 22),
+        GGMLType("Q5_1", 7, 32, 24),
+        GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q8_1", 9, 32, 36),
+        GGMLType("Q2_K", 10, 256, 84),
+        GGMLType("Q3_K", 11, 256, 110),
+        GGMLType("Q4_K", 12, 256, 144),
+        GGMLType("Q5_K", 13, 256, 176),
+        GGMLType("Q6_K", 14, 256, 210),
+        GGMLType("Q8_K", 15, 256, 292),
+        GGMLType("IQ2_XXS", 16, 256, 66),
+        GGMLType("IQ2_XS", 17, 256, 74),
+        GGMLType("IQ3_XXS", 18, 256, 98),
+        GGMLType("IQ1_S", 19, 256, 50),
+        GGMLType("IQ4_NL", 20, 32, 18),
+        GGMLType("IQ3_S", 21, 256, 110),
+        GGMLType("IQ2_S", 22, 256, 82),
+        GGMLType("IQ4_XS", 23, 256, 136),
+        GGMLType("I8", 24, 1, 1),
+        GGMLType("I16", 25, 1, 2),
+        GGMLType("I32", 26, 1, 4),
+        GGMLType("I64", 27, 1, 8),
+        GGMLType("F64", 28, 1, 8, is_float=True),
+        GGMLType("IQ1_M", 29, 256, 56),
+        GGMLType("BF16", 30, 1, 2, is_float=True),
+        GGMLType("TQ1_0", 34, 256, 54),
+        GGMLType("TQ2_0", 35, 256, 66),
+        GGMLType("MXFP4", 39, 32, 17),
+        GGMLType("NVFP4", 40, 64, 36),
+        GGMLType("Q1_0", 41, 128, 18),
+        GGMLType("Q2_0", 42, 64, 18),
+    )
+}
+_BY_ID = {t.type_id: t for t in GGML_TYPES.values()}
+
+
+def ggml_type(name: str) -> GGMLType:
+    """The ggml type called ``name`` (any case), encodable by ggq or not."""
+    key = name.upper()
+    if key not in GGML_TYPES:
+        raise QuantError(f"unknown ggml type {name!r}; known: {', '.join(GGML_TYPES)}")
+    return GGML_TYPES[key]
+
+
+def type_by_id(type_id: int) -> GGMLType:
+    """The ggml type whose ``enum ggml_type`` value is ``type_id``."""
+    if type_id not in _BY_ID:
+        raise QuantError(f"unknown ggml type id {type_id}")
+    return _BY_ID[type_id]
+
+
+def nbytes(type_name: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of ggml ``shape`` in type ``type_name`` (planning needs no encoder)."""
+    return ggml_type(type_name).nbytes(shape)
+
+
+def is_float(type_name: str) -> bool:
+    """True for the plain float types (F32, F16, BF16, F64): no blocks, no imatrix."""
+    return ggml_type(type_name).is_float
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """A ggml type ggq encodes and decodes; its sizes and id are the type table's."""
+
+    type: GGMLType
     quantize_blocks: QuantizeBlocks
     dequantize_blocks: DequantizeBlocks
     # True when importance weighting uses statistics of the whole row (Q4_0..Q5_1 do, via the
@@ -41,18 +134,51 @@ class BlockFormat:
     row_stats: bool = False
 
     @property
+    def name(self) -> str:
+        return self.type.name
+
+    @property
+    def type_id(self) -> int:
+        return self.type.type_id
+
+    @property
+    def block_size(self) -> int:
+        return self.type.block_size
+
+    @property
+    def type_size(self) -> int:
+        return self.type.type_size
+
+    @property
+    def is_float(self) -> bool:
+        return self.type.is_float
+
+    @property
     def bits_per_weight(self) -> float:
-        return 8.0 * self.type_size / self.block_size
+        return self.type.bits_per_weight
 
 
 FORMATS: dict[str, BlockFormat] = {}
 
 
-def register(fmt: BlockFormat) -> BlockFormat:
-    if fmt.name in FORMATS:
-        raise ValueError(f"ggml type {fmt.name} registered twice")
-    FORMATS[fmt.name] = fmt
+def register(
+    name: str,
+    quantize_blocks: QuantizeBlocks,
+    dequantize_blocks: DequantizeBlocks,
+    *,
+    row_stats: bool = False,
+) -> BlockFormat:
+    """Register the encoder and decoder of the ggml type ``name`` (its sizes from GGML_TYPES)."""
+    if name in FORMATS:
+        raise ValueError(f"ggml type {name} registered twice")
+    fmt = BlockFormat(ggml_type(name), quantize_blocks, dequantize_blocks, row_stats)
+    FORMATS[name] = fmt
     return fmt
+
+
+def float_types() -> tuple[str, ...]:
+    """The float types ggq writes, in registration order: ("F32", "F16", "BF16")."""
+    return tuple(name for name, fmt in FORMATS.items() if fmt.is_float)
 
 
 def get(name: str) -> BlockFormat:

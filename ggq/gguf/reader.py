@@ -17,28 +17,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
+from ggq import ggml
+from ggq.gguf.constants import DTYPE, GGUF_MAGIC, ValueType
+
 GGML_MAX_NAME = 64  # ggml's limit on a tensor name, terminating NUL included
 GGML_MAX_DIMS = 4
 INT64_MAX = 2**63 - 1
 _KV_MIN_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
 _TENSOR_MIN_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
-
-# GGUF value type id -> numpy dtype (little-endian), for scalars and numeric arrays
-_NUMERIC: dict[int, np.dtype[Any]] = {
-    0: np.dtype("<u1"),
-    1: np.dtype("<i1"),
-    2: np.dtype("<u2"),
-    3: np.dtype("<i2"),
-    4: np.dtype("<u4"),
-    5: np.dtype("<i4"),
-    6: np.dtype("<f4"),
-    7: np.dtype("<u1"),  # bool
-    10: np.dtype("<u8"),
-    11: np.dtype("<i8"),
-    12: np.dtype("<f8"),
-}
-_UINT32, _STRING, _ARRAY, _BOOL = 4, 8, 9, 7
 
 
 class GGUFFormatError(ValueError):
@@ -79,27 +65,27 @@ class _Cursor:
 
 
 def _value(cur: _Cursor, key: str, vtype: int) -> Any:
-    if vtype == _STRING:
+    if vtype == ValueType.STRING:
         return cur.string(f"value of {key}")
-    if vtype == _ARRAY:
+    if vtype == ValueType.ARRAY:
         itype, count = cur.u32(), cur.u64()
-        if itype == _STRING:
+        if itype == ValueType.STRING:
             if count * 8 > cur.left():  # each string is at least its 8-byte length
                 raise cur.fail(
                     f"{key}: array of {count} strings exceeds the {cur.left()} bytes left in the file"
                 )
             return [cur.string(key, i) for i in range(count)]
-        if itype not in _NUMERIC:
+        if itype not in DTYPE:
             raise cur.fail(f"{key}: unsupported array item type {itype}")
-        dtype = _NUMERIC[itype]
+        dtype = DTYPE[ValueType(itype)]
         if count * dtype.itemsize > cur.left():
             raise cur.fail(f"{key}: array of {count} items exceeds the {cur.left()} bytes left in the file")
         arr = np.frombuffer(cur.read(count * dtype.itemsize), dtype=dtype)
-        return arr.astype(bool) if itype == _BOOL else arr
-    if vtype in _NUMERIC:
-        dtype = _NUMERIC[vtype]
+        return arr.astype(bool) if itype == ValueType.BOOL else arr
+    if vtype in DTYPE:
+        dtype = DTYPE[ValueType(vtype)]
         scalar = np.frombuffer(cur.read(dtype.itemsize), dtype=dtype)[0].item()
-        return bool(scalar) if vtype == _BOOL else scalar
+        return bool(scalar) if vtype == ValueType.BOOL else scalar
     raise cur.fail(f"{key}: unknown metadata value type {vtype}")
 
 
@@ -140,15 +126,15 @@ class _Info:
 
 
 def _tensor_nbytes(path: Path, name: str, type_id: int, shape: tuple[int, ...]) -> int:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError) as exc:
+        t = ggml.type_by_id(type_id)
+    except ggml.QuantError as exc:
         raise GGUFFormatError(f"{path}: tensor {name} has unknown ggml type {type_id}") from exc
-    if shape and shape[0] % block:
-        raise GGUFFormatError(f"{path}: tensor {name} row length {shape[0]} is not a multiple of {block}")
-    return math.prod(shape) // block * size
+    if shape and shape[0] % t.block_size:
+        raise GGUFFormatError(
+            f"{path}: tensor {name} row length {shape[0]} is not a multiple of {t.block_size}"
+        )
+    return t.nbytes(shape)
 
 
 def _read_kv(cur: _Cursor) -> dict[str, Any]:
@@ -173,7 +159,7 @@ def _read_kv(cur: _Cursor) -> dict[str, Any]:
         meta[key] = _value(cur, key, vtype)
         if key == "general.alignment":
             align = meta[key]
-            if vtype != _UINT32 or align <= 0 or align & (align - 1):
+            if vtype != ValueType.UINT32 or align <= 0 or align & (align - 1):
                 raise cur.fail(
                     f"general.alignment = {align!r} (GGUF type {vtype}): expected a uint32 power of 2"
                 )

@@ -13,24 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-BLOCK_SIZE = {
-    "F32": 1,
-    "F16": 1,
-    "BF16": 1,
-    "Q4_0": 32,
-    "Q4_1": 32,
-    "Q5_0": 32,
-    "Q5_1": 32,
-    "Q8_0": 32,
-    "IQ4_NL": 32,
-    "Q2_K": 256,
-    "Q3_K": 256,
-    "Q4_K": 256,
-    "Q5_K": 256,
-    "Q6_K": 256,
-    "IQ4_XS": 256,
-}
-FLOAT_TYPES = ("F32", "F16", "BF16")
+from ggq import ggml
 
 
 @dataclass(frozen=True)
@@ -92,8 +75,8 @@ def file_type(name: str) -> FileType:
 
 def tensor_type(name: str) -> str:
     key = name.upper()
-    if key not in BLOCK_SIZE:
-        raise RecipeError(f"unknown tensor type {name!r}; known: {', '.join(BLOCK_SIZE)}")
+    if key not in ggml.FORMATS:
+        raise RecipeError(f"unknown tensor type {name!r}; known: {', '.join(ggml.FORMATS)}")
     return key
 
 
@@ -184,13 +167,13 @@ def _layer_of(name: str, counter: int, model: ModelShape) -> int:
 
 
 def _fallback(t: TensorSpec, qtype: str, c: _Counters) -> str:
-    ncols = t.shape[0]
-    if ncols % BLOCK_SIZE[qtype] == 0:
+    ncols, block = t.shape[0], ggml.get(qtype).block_size
+    if ncols % block == 0:
         return qtype
     out = FALLBACK.get(qtype, qtype)
-    if ncols % BLOCK_SIZE[out] != 0:
+    if ncols % ggml.get(out).block_size != 0:
         out = "F16"
-    c.fallbacks.append(f"{t.name}: {ncols} columns not divisible by {BLOCK_SIZE[qtype]} for {qtype} -> {out}")
+    c.fallbacks.append(f"{t.name}: {ncols} columns not divisible by {block} for {qtype} -> {out}")
     return out
 
 
@@ -201,7 +184,7 @@ def _standard_rule(
     if cat == "output" or (c.tied and cat == "token_embd"):
         if opts.output_tensor_type:
             return tensor_type(opts.output_tensor_type)
-        if t.shape[0] % BLOCK_SIZE[qtype] != 0:
+        if t.shape[0] % ggml.get(qtype).block_size != 0:
             return "Q8_0"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
@@ -289,7 +272,7 @@ def _tensor_type(
         return tensor_type(opts.token_embedding_type)
     if opts.output_tensor_type and cat == "output":
         return tensor_type(opts.output_tensor_type)
-    if default in FLOAT_TYPES:
+    if default in ggml.FLOAT_TYPES:
         return default
     qtype = default
     manual = next((q for p, q in patterns if p.search(t.name)), None)
@@ -297,6 +280,6 @@ def _tensor_type(
         qtype = manual
     elif not opts.pure:
         qtype = _standard_rule(t, qtype, ft, cat, model, opts, c)
-    if qtype in FLOAT_TYPES:
+    if qtype in ggml.FLOAT_TYPES:
         return qtype
     return _fallback(t, qtype, c)

@@ -27,51 +27,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ggq.gguf.constants import DTYPE, GGUF_MAGIC, STRUCT_FORMAT, ValueType
+
 GGUF_VERSION = 3
 ALIGNMENT = 32
-
-
-class ValueType(enum.IntEnum):
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-_PACK = {
-    ValueType.UINT8: "<B",
-    ValueType.INT8: "<b",
-    ValueType.UINT16: "<H",
-    ValueType.INT16: "<h",
-    ValueType.UINT32: "<I",
-    ValueType.INT32: "<i",
-    ValueType.FLOAT32: "<f",
-    ValueType.BOOL: "<?",
-    ValueType.UINT64: "<Q",
-    ValueType.INT64: "<q",
-    ValueType.FLOAT64: "<d",
-}
-_NP = {
-    ValueType.UINT8: "<u1",
-    ValueType.INT8: "<i1",
-    ValueType.UINT16: "<u2",
-    ValueType.INT16: "<i2",
-    ValueType.UINT32: "<u4",
-    ValueType.INT32: "<i4",
-    ValueType.FLOAT32: "<f4",
-    ValueType.UINT64: "<u8",
-    ValueType.INT64: "<i8",
-    ValueType.FLOAT64: "<f8",
-}
 
 
 class WriterError(RuntimeError):
@@ -191,8 +150,8 @@ def _encode_value(value: Any, vtype: ValueType, item_type: ValueType | None) -> 
             return head + b"".join(_string(s) for s in value)
         if item_type == ValueType.BOOL:
             return head + np.asarray(value, dtype=bool).astype("<u1").tobytes()
-        return head + np.asarray(value).astype(_NP[item_type]).tobytes()
-    return struct.pack(_PACK[vtype], value)
+        return head + np.asarray(value).astype(DTYPE[item_type]).tobytes()
+    return struct.pack(STRUCT_FORMAT[vtype], value)
 
 
 def _infer(value: Any) -> tuple[ValueType, ValueType | None]:
@@ -291,7 +250,7 @@ class GGUFWriter:
             TEMPORARIES.add(self._tmp)
         with self._os_errors("write"):
             f = self._f
-            f.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
+            f.write(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
             f.writelines(self._kv)
             for t in self._tensors:
                 f.write(_string(t.name) + struct.pack("<I", len(t.shape)))

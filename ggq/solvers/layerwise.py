@@ -38,7 +38,6 @@ import torch
 
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
-from ggq.gguf import recipe
 from ggq.solvers import awq
 from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
 from ggq.solvers.reductions import gram
@@ -143,7 +142,7 @@ def check_targets(types: dict[str, str], method: str = "gptq") -> None:
     ok = set(supported_types()) if method.endswith("gptq") else set(ggml.FORMATS)
     solver = "GPTQ" if method.endswith("gptq") else "AWQ"
     for name, t in types.items():
-        if name.startswith("blk.") and t not in recipe.FLOAT_TYPES and t not in ok:
+        if name.startswith("blk.") and t not in ggml.FLOAT_TYPES and t not in ok:
             raise SolverError(f"{name}: {solver} cannot target {t}; supported: {', '.join(sorted(ok))}")
 
 
@@ -187,7 +186,7 @@ class _Layer:
         """AWQ: search the scales of the group fed by ``prev`` on its linears' input ``x()`` and
         fold them in; False (nothing done) for gptq or a group without quantized linears."""
         group = next(g for g in awq.QWEN3_GROUPS if g.prev == prev)
-        quantized = [n for n in group.linears if self.types[n] not in recipe.FLOAT_TYPES]
+        quantized = [n for n in group.linears if self.types[n] not in ggml.FLOAT_TYPES]
         if not self.opts.scaled or not quantized:
             return False
         xs = x()
@@ -209,7 +208,7 @@ class _Layer:
         """Encode linears reading the input of ``stats``; their weights become the decoded ones."""
         for name in names:
             t, wn = self.types[name], self.w[name].numpy()
-            if t in recipe.FLOAT_TYPES:
+            if t in ggml.FLOAT_TYPES:
                 data = ggml.quantize(wn, t)
                 q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.uses_gptq:
@@ -221,7 +220,7 @@ class _Layer:
                 wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
                 data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
                 q = ggml.dequantize(data, t, wn.shape[1])
-            if t not in recipe.FLOAT_TYPES:
+            if t not in ggml.FLOAT_TYPES:
                 s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
                 rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
                 self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
