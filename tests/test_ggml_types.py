@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -87,3 +88,14 @@ def test_type_count_is_the_headers() -> None:
         pytest.skip("vendor/llama.cpp is not fetched")
     m = re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", header.read_text())
     assert m is not None and int(m.group(1)) == GGML_TYPE_COUNT
+
+
+def test_every_family_gives_solvers_a_code_grid() -> None:
+    """GPTQ targets exactly the types with a code grid (tests/test_gptq.py checks each grid's
+    levels and packing against ggml's dequantization); only IQ4_XS and the floats lack one."""
+    with_grid = {name for name, fmt in ggml.FORMATS.items() if fmt.grid is not None}
+    assert with_grid == set(ggml.FORMATS) - {"IQ4_XS", *ggml.FLOAT_TYPES}
+    for name in with_grid:
+        grid = ggml.get(name).grid
+        assert grid is not None and ggml.get(name).block_size % grid.sub == 0
+        assert grid.unit.dtype == np.float32 and np.all(np.diff(grid.unit) > 0), name

@@ -15,6 +15,7 @@ import numpy as np
 from ggq.ggml.floats import fp16_bytes, fp16_field
 from ggq.ggml.legacy import (
     GROUP_MAX_EPS,
+    block32_grid,
     first_absmax,
     inverse_or_zero,
     nearest_int,
@@ -138,5 +139,10 @@ def dequantize_iq4_xs(raw: np.ndarray) -> np.ndarray:
     return (dl.reshape(-1, 1) * KVALUES_IQ4NL[codes]).reshape(nsb, 256)
 
 
-register("IQ4_NL", quantize_iq4_nl, dequantize_iq4_nl)
+register(
+    "IQ4_NL",
+    quantize_iq4_nl,
+    dequantize_iq4_nl,
+    grid=block32_grid(KVALUES_IQ4NL.astype(F32), False, pack_nibbles),  # d, then nibbles
+)
 register("IQ4_XS", quantize_iq4_xs, dequantize_iq4_xs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ggq.ggml.registry import QuantError, ggml_type, register
+from ggq.ggml.registry import CodeGrid, QuantError, ggml_type, register
 
 QK_K = 256
 
@@ -631,6 +631,28 @@ class KQuantType:
             y = y - offset[:, :, None]
         return y.reshape(nb, QK_K)
 
+    def code_levels(self, raw: np.ndarray) -> np.ndarray:
+        """``(nb, type_size)`` blocks -> ``(256 // sub, nb, n_codes)`` float32: the value each code
+        of each sub-block decodes to, as ``dequantize_row_q*_K`` computes it."""
+        step, offset = self.step_offset(
+            self.unpack(np.ascontiguousarray(raw, dtype=np.uint8))[1]
+        )  # (nb, n_sub)
+        levels = step.T[:, :, None] * np.arange(self.lo, self.hi + 1, dtype=F32)  # (n_sub, nb, n_codes)
+        if self.has_min:
+            levels = levels - offset.T[:, :, None]
+        return levels
+
+    def pack_codes(self, raw: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``codes (nb, 256)`` packed under the scales of the blocks ``raw``."""
+        return self.pack(
+            np.asarray(codes, dtype=np.uint8), self.unpack(np.ascontiguousarray(raw, dtype=np.uint8))[1]
+        )
+
+    def grid(self) -> CodeGrid:
+        return CodeGrid(
+            np.arange(self.lo, self.hi + 1, dtype=F32), self.sub, self.code_levels, self.pack_codes
+        )
+
     def quantize_blocks(self, x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != QK_K:
@@ -711,4 +733,4 @@ def step_offset(type_name: str, scales: KScales) -> tuple[np.ndarray, np.ndarray
 
 
 for _t in KQUANTS.values():
-    register(_t.name, _t.quantize_blocks, _t.dequantize_blocks)
+    register(_t.name, _t.quantize_blocks, _t.dequantize_blocks, grid=_t.grid())

@@ -14,10 +14,13 @@ The numeric helpers here (nearest_int, seq_sum, ...) are shared with iq4.py.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 
 from ggq.ggml.floats import fp16_bytes, fp16_field
-from ggq.ggml.registry import QuantError, register
+from ggq.ggml.registry import CodeGrid, QuantError, register
 
 F32 = np.float32
 QK = 32  # weights per block, every legacy type
@@ -314,8 +317,70 @@ def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
     return raw[:, 2:34].view(np.int8).astype(F32) * d[:, None]
 
 
-register("Q4_0", quantize_q4_0, dequantize_q4_0, row_stats=True)
-register("Q4_1", quantize_q4_1, dequantize_q4_1, row_stats=True)
-register("Q5_0", quantize_q5_0, dequantize_q5_0, row_stats=True)
-register("Q5_1", quantize_q5_1, dequantize_q5_1, row_stats=True)
-register("Q8_0", quantize_q8_0, dequantize_q8_0)
+# ---------------------------------------------------------------- codes under fixed scales
+
+
+def _block_levels(raw: np.ndarray, unit: np.ndarray, has_min: bool) -> np.ndarray:
+    """``(rows, type_size)`` -> ``(1, rows, n_codes)``: code c decodes to ``unit[c] * d (+ m)``."""
+    levels = (unit * fp16_field(raw, 0)[:, None])[None]  # (1, rows, n_codes)
+    if has_min:
+        levels = levels + fp16_field(raw, 2)[None, :, None]
+    return levels
+
+
+def _pack_codes(
+    raw: np.ndarray, codes: np.ndarray, has_min: bool, code_bytes: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    out = raw.copy()
+    out[:, 4 if has_min else 2 :] = code_bytes(codes)  # after fp16 d (and fp16 m)
+    return out
+
+
+def block32_grid(unit: np.ndarray, has_min: bool, code_bytes: Callable[[np.ndarray], np.ndarray]) -> CodeGrid:
+    """The code grid of a 32-weight block laid out as fp16 ``d`` (fp16 ``m``), then the code bytes
+    ``code_bytes(codes (rows, 32)) -> (rows, k)``; code c decodes to ``unit[c] * d`` (``+ m``)."""
+    return CodeGrid(
+        unit,
+        QK,
+        functools.partial(_block_levels, unit=unit, has_min=has_min),
+        functools.partial(_pack_codes, has_min=has_min, code_bytes=code_bytes),
+    )
+
+
+def _five_bits(codes: np.ndarray) -> np.ndarray:
+    return np.concatenate([pack_high_bits(codes), pack_nibbles(codes)], axis=1)
+
+
+def _int8(codes: np.ndarray) -> np.ndarray:
+    return (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)  # stored code c is int8 c - 128
+
+
+def _range(lo: int, hi: int) -> np.ndarray:
+    return np.arange(lo, hi + 1, dtype=F32)
+
+
+register(
+    "Q4_0",
+    quantize_q4_0,
+    dequantize_q4_0,
+    row_stats=True,
+    grid=block32_grid(_range(-8, 7), False, pack_nibbles),
+)
+register(
+    "Q4_1",
+    quantize_q4_1,
+    dequantize_q4_1,
+    row_stats=True,
+    grid=block32_grid(_range(0, 15), True, pack_nibbles),
+)
+register(
+    "Q5_0",
+    quantize_q5_0,
+    dequantize_q5_0,
+    row_stats=True,
+    grid=block32_grid(_range(-16, 15), False, _five_bits),
+)
+register(
+    "Q5_1", quantize_q5_1, dequantize_q5_1, row_stats=True, grid=block32_grid(_range(0, 31), True, _five_bits)
+)
+register("Q8_0", quantize_q8_0, dequantize_q8_0, grid=block32_grid(_range(-128, 127), False, _int8))

@@ -123,6 +123,22 @@ def is_float(type_name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class CodeGrid:
+    """A block type as a solver sees it: each weight one code on a grid fixed by the block's
+    scales. Fitting the scales is the type's own encoder (``quantize``), decoding ``dequantize``;
+    between the two, a solver reads what every code decodes to and packs codes of its choosing."""
+
+    unit: np.ndarray  # (n_codes,) float32, ascending: code c is unit[c] steps of its sub-block
+    sub: int  # weights per sub-block: one step (and offset) each
+    # (rows, type_size) blocks -> (n_sub, rows, n_codes) float32: the exact value each code of
+    # each sub-block decodes to, as ggml's dequantization computes it
+    levels: Callable[[np.ndarray], np.ndarray]
+    # (rows, type_size) blocks, (rows, block_size) uint8 codes -> the blocks with those codes
+    # under the blocks' own scales
+    pack: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
 class BlockFormat:
     """A ggml type ggq encodes and decodes; its sizes and id are the type table's."""
 
@@ -132,6 +148,7 @@ class BlockFormat:
     # True when importance weighting uses statistics of the whole row (Q4_0..Q5_1 do, via the
     # row's mean square): quantize_blocks then also gets ``n_per_row=`` to find row boundaries.
     row_stats: bool = False
+    grid: CodeGrid | None = None  # None: no solver chooses this type's codes (floats, IQ4_XS)
 
     @property
     def name(self) -> str:
@@ -167,11 +184,12 @@ def register(
     dequantize_blocks: DequantizeBlocks,
     *,
     row_stats: bool = False,
+    grid: CodeGrid | None = None,
 ) -> BlockFormat:
     """Register the encoder and decoder of the ggml type ``name`` (its sizes from GGML_TYPES)."""
     if name in FORMATS:
         raise ValueError(f"ggml type {name} registered twice")
-    fmt = BlockFormat(ggml_type(name), quantize_blocks, dequantize_blocks, row_stats)
+    fmt = BlockFormat(ggml_type(name), quantize_blocks, dequantize_blocks, row_stats, grid)
     FORMATS[name] = fmt
     return fmt
 

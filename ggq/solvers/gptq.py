@@ -16,15 +16,12 @@ the original weights ("static groups") and each column is rounded on its own blo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ggq import ggml
-from ggq.ggml import iq4, kquants, legacy
-from ggq.ggml.floats import fp16_field
 from ggq.solvers.reductions import one_thread
 
 F32 = np.float32
@@ -34,44 +31,9 @@ class SolverError(ValueError):
     """A tensor or Hessian the solver cannot handle; names what is wrong."""
 
 
-@dataclass(frozen=True)
-class _BlockCodes:
-    """A 32-weight block: fp16 ``d`` (and fp16 ``m``), then the code bytes; code c decodes to
-    ``unit[c] * d`` (``+ m``), in ggml's float32 order."""
-
-    unit: np.ndarray  # (n_codes,) float32, ascending
-    has_min: bool
-    code_bytes: Callable[[np.ndarray], np.ndarray]  # (rows, 32) uint8 codes -> (rows, k) uint8
-
-
-def _nibbles(codes: np.ndarray) -> np.ndarray:
-    return legacy.pack_nibbles(codes)
-
-
-def _five_bits(codes: np.ndarray) -> np.ndarray:
-    return np.concatenate([legacy.pack_high_bits(codes), legacy.pack_nibbles(codes)], axis=1)
-
-
-def _int8(codes: np.ndarray) -> np.ndarray:
-    return (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)  # stored code c is int8 c - 128
-
-
-def _range(lo: int, hi: int) -> np.ndarray:
-    return np.arange(lo, hi + 1, dtype=F32)
-
-
-_LEGACY = {
-    "Q4_0": _BlockCodes(_range(-8, 7), False, _nibbles),
-    "Q4_1": _BlockCodes(_range(0, 15), True, _nibbles),
-    "Q5_0": _BlockCodes(_range(-16, 15), False, _five_bits),
-    "Q5_1": _BlockCodes(_range(0, 31), True, _five_bits),
-    "Q8_0": _BlockCodes(_range(-128, 127), False, _int8),
-    "IQ4_NL": _BlockCodes(iq4.KVALUES_IQ4NL.astype(F32), False, _nibbles),
-}
-
-
 def supported_types() -> list[str]:
-    return [*_LEGACY, *kquants.KQUANTS]
+    """The types whose codes a solver can choose (a code grid in ggq.ggml), in registration order."""
+    return [name for name, fmt in ggml.FORMATS.items() if fmt.grid is not None]
 
 
 @dataclass(frozen=True)
@@ -88,16 +50,13 @@ class Target:
 
     def __init__(self, type_name: str) -> None:
         self.name = type_name.upper()
-        if self.name in kquants.KQUANTS:
-            kind = kquants.KQUANTS[self.name]
-            self.unit, self.sub = _range(kind.lo, kind.hi), kind.sub
-        elif self.name in _LEGACY:
-            self.unit, self.sub = _LEGACY[self.name].unit, legacy.QK
-        else:
+        fmt = ggml.FORMATS.get(self.name)
+        if fmt is None or fmt.grid is None:
             raise SolverError(
                 f"GPTQ cannot target {self.name} yet; supported: {', '.join(supported_types())}"
             )
-        self.fmt = ggml.get(self.name)
+        self.fmt, self.grid = fmt, fmt.grid
+        self.unit, self.sub = fmt.grid.unit, fmt.grid.sub
         self.group = self.fmt.block_size
         self.n_codes = len(self.unit)
         self.uniform = bool(np.all(np.diff(self.unit) == 1))  # codes are integer steps apart
@@ -105,26 +64,12 @@ class Target:
     def fit(self, w: np.ndarray, importance: np.ndarray | None) -> GroupFit:
         """Scales for ``w`` (rows, group) float32, as ggml's (imatrix) encoder chooses them."""
         raw = ggml.quantize(w, self.name, importance)  # (rows, type_size)
-        if self.name in kquants.KQUANTS:
-            step, offset = kquants.step_offset(self.name, kquants.unpack(self.name, raw)[1])  # (rows, n_sub)
-            levels = step.T[:, :, None] * self.unit  # (n_sub, rows, n_codes), as dequantize_row_q*_K
-            if kquants.KQUANTS[self.name].has_min:
-                levels = levels - offset.T[:, :, None]
-        else:
-            d = fp16_field(raw, 0)[:, None]  # (rows, 1)
-            levels = (self.unit * d)[None]  # (1, rows, n_codes)
-            if _LEGACY[self.name].has_min:
-                levels = levels + fp16_field(raw, 2)[None, :, None]
+        levels = self.grid.levels(raw)  # (n_sub, rows, n_codes)
         return GroupFit(np.ascontiguousarray(levels, dtype=F32), self.sub, raw)
 
     def pack(self, fit: GroupFit, codes: np.ndarray) -> np.ndarray:
         """``codes`` (rows, group) uint8 -> the rows' block bytes (rows, type_size)."""
-        if self.name in kquants.KQUANTS:
-            return kquants.pack(self.name, codes, kquants.unpack(self.name, fit.raw)[1])
-        spec = _LEGACY[self.name]
-        out = fit.raw.copy()
-        out[:, 4 if spec.has_min else 2 :] = spec.code_bytes(codes)
-        return out
+        return self.grid.pack(fit.raw, codes)
 
 
 @dataclass(frozen=True)
