@@ -6,7 +6,8 @@
 * BF16 is the upper half of the float32 bit pattern, rounded to nearest even
   (ggml_compute_fp32_to_bf16); a NaN keeps its upper bits and gets the quiet bit 0x40 forced on.
 
-The fp16 helpers here are shared by every block format that stores an fp16 scale.
+The fp16 helpers here are shared by every block format that stores an fp16 scale, and the C
+float32 arithmetic (``nearest_int``, ``seq_sum``) by every family's scale searches.
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def fp16_field(raw: np.ndarray, offset: int) -> np.ndarray:
     """The little-endian fp16 at byte ``offset`` of each ``(n, type_size)`` block -> ``(n,)`` float32."""
     h = raw[:, offset].astype(np.uint16) | (raw[:, offset + 1].astype(np.uint16) << 8)
     return fp16_bits_to_fp32(h)
+
+
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer, half to even
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: add 1.5 * 2**23 in float32 and read the low mantissa bits -> int32
+    (round half to even for |v| < 2**22)."""
+    return ((np.asarray(v, dtype=np.float32) + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(a: np.ndarray, *, axis: int, from_zero: bool = True) -> np.ndarray:
+    """float32 sum along ``axis`` in index order, as the C loop ``s = 0; for j: s += a[j]`` (never
+    numpy's pairwise sum). ``from_zero=False`` starts from the first element instead
+    (``s = a[0]; for j >= 1``), which differs only in the sign of an all-zero sum."""
+    a = np.moveaxis(a, axis, 0)
+    total = a[0] + np.float32(0) if from_zero else a[0].astype(np.float32)
+    for j in range(1, a.shape[0]):
+        total += a[j]
+    return total
 
 
 def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggq.ggml.floats import fp16_bytes, fp16_field
+from ggq.ggml.floats import fp16_bytes, fp16_field, nearest_int, seq_sum
 from ggq.ggml.legacy import (
     GROUP_MAX_EPS,
     block32_grid,
     first_absmax,
     inverse_or_zero,
-    nearest_int,
     pack_nibbles,
     safe_div,
-    seq_sum,
     unpack_nibbles,
 )
 from ggq.ggml.registry import register
@@ -54,7 +52,7 @@ def block_importance(x: np.ndarray, w: np.ndarray | None) -> np.ndarray:
     """``(n, k)`` (super-)blocks -> ``(n, k)`` weights: ``x*x``, or ``w * sqrt(sigma2 + x*x)``."""
     if w is None:
         return x * x
-    sigma2 = seq_sum(x * x) * F32(2.0 / x.shape[1])  # (n,)
+    sigma2 = seq_sum(x * x, axis=1) * F32(2.0 / x.shape[1])  # (n,)
     return w * np.sqrt(sigma2[:, None] + x * x)
 
 
@@ -70,7 +68,7 @@ def block_scales(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     def fit(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = KVALUES_IQ4NL[best_index(inv[:, None] * x)]  # (nb, 32)
-        return seq_sum(weights * q * x), seq_sum(weights * q * q)
+        return seq_sum(weights * q * x, axis=1), seq_sum(weights * q * q, axis=1)
 
     sumqx, sumq2 = fit(F32(1) / (-vmax / KVALUES_IQ4NL[0]))
     d = np.where(sumq2 > 0, safe_div(sumqx, sumq2), F32(0))

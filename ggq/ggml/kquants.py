@@ -6,7 +6,7 @@ without importance weights the ``quantize_row_q*_K_ref`` path, with them the
 arithmetic in the same operation order gives the same floats. Three rules make that hold:
 
 * every operation stays in float32 (constants are ``np.float32``; ``x * y * z`` is ``(x * y) * z``);
-* sums that C accumulates in a loop are accumulated here position by position (``_seq_sum``),
+* sums that C accumulates in a loop are accumulated here position by position (``floats.seq_sum``),
   never with numpy's pairwise ``np.sum``;
 * rounding is C's ``nearest_int`` (the ``12582912.f`` trick: round half to even), and fp16 is
   round-to-nearest-even (``astype(np.float16)``), re-read as float32 where C requantizes.
@@ -33,34 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ggq.ggml.floats import nearest_int, seq_sum
 from ggq.ggml.registry import CodeGrid, QuantError, ggml_type, register
 
 QK_K = 256
 
 F32 = np.float32
-_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer, half to even
 _GROUP_MAX_EPS = F32(1e-15)
 _CHUNK = 1024  # super-blocks encoded together: large enough to vectorise, small enough for cache
 
 
 # ----------------------------------------------------------------------------- float32 helpers
-
-
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int`` on float32 values -> int32 (round half to even for |v| < 2**22)."""
-    v = np.asarray(v, dtype=np.float32)
-    return ((v + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
-
-
-def _seq_sum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
-    """``(n, N) -> (N,)``: float32 sum over axis 0 in index order, like C's loop.
-
-    ``from_zero`` starts at 0 (``float s = 0; for i: s += a[i]``); otherwise at ``a[0]``.
-    """
-    acc = a[0] + F32(0) if from_zero else a[0].copy()
-    for i in range(1, a.shape[0]):
-        acc += a[i]
-    return acc
 
 
 def _seq_max(a: np.ndarray) -> np.ndarray:
@@ -116,7 +99,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.n
     def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         li = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)  # (n, N)
         lf = li.astype(np.float32)
-        return li, _seq_sum(wx * lf), _seq_sum(w * lf * lf)
+        return li, seq_sum(wx * lf, axis=0), seq_sum(w * lf * lf, axis=0)
 
     li, sumlx, suml2 = candidate(F32(-nmax) / vmax)
     L = li + nmax  # (n, N)
@@ -144,8 +127,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x  # (n, N)
     L = np.clip(nearest_int((F32(-nmax) / vmax) * x), -nmax, nmax - 1)  # (n, N) int32
     lf = L.astype(np.float32)
-    sumlx = _seq_sum(wx * lf)  # (N,)
-    suml2 = _seq_sum(w * lf * lf)
+    sumlx = seq_sum(wx * lf, axis=0)  # (N,)
+    suml2 = seq_sum(w * lf * lf, axis=0)
     for _ in range(5):  # a group whose pass changed nothing would change nothing again
         for i in range(x.shape[0]):
             li = L[i].astype(np.float32)
@@ -184,15 +167,15 @@ def make_qkx_quants(
     for i in range(1, x.shape[0]):
         lo = np.where(x[i] < lo, x[i], lo)
         hi = np.where(x[i] > hi, x[i], hi)
-    sum_w = _seq_sum(w, from_zero=False)  # (N,)
-    sum_x = _seq_sum(w * x, from_zero=False)
+    sum_w = seq_sum(w, from_zero=False, axis=0)  # (N,)
+    sum_x = seq_sum(w * x, from_zero=False, axis=0)
     lo = np.where(lo > 0, F32(0), lo)
     flat = hi == lo
 
     def error(scale: np.ndarray, mn: np.ndarray, lf: np.ndarray) -> np.ndarray:
         diff = scale * lf + mn - x  # (n, N)
         diff = np.abs(diff) if use_mad else diff * diff
-        return _seq_sum(w * diff)
+        return seq_sum(w * diff, axis=0)
 
     iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)
     L = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)  # (n, N)
@@ -204,9 +187,9 @@ def make_qkx_quants(
         laux = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)  # (n, N)
         lf = laux.astype(np.float32)
         wl = w * lf
-        sum_l = _seq_sum(wl)
-        sum_l2 = _seq_sum(wl * lf)
-        sum_xl = _seq_sum(wl * x)
+        sum_l = seq_sum(wl, axis=0)
+        sum_l2 = seq_sum(wl * lf, axis=0)
+        sum_xl = seq_sum(wl * x, axis=0)
         det = sum_w * sum_l2 - sum_l * sum_l
         live = det > 0
         det = np.where(live, det, F32(1))
@@ -236,7 +219,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
 
     def mse(scale: np.ndarray, lf: np.ndarray) -> np.ndarray:
         diff = x - scale * lf  # (n, N)
-        return _seq_sum(w * diff * diff)
+        return seq_sum(w * diff * diff, axis=0)
 
     iscale = F32(nmax) / vmax
     first = nearest_int(iscale * x) & 0xFF  # (n, N) as stored in uint8
@@ -253,8 +236,8 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     li = np.minimum(nmax, nearest_int(iscale * x))  # (n, N)
     lf = li.astype(np.float32)
     wx = w * x
-    sumlx = _seq_sum(wx * lf)  # (N,)
-    suml2 = _seq_sum(w * lf * lf)
+    sumlx = seq_sum(wx * lf, axis=0)  # (N,)
+    suml2 = seq_sum(w * lf * lf, axis=0)
     L = li & 0xFF
     for _ in range(5):
         for i in range(x.shape[0]):
@@ -337,7 +320,7 @@ def _unpack_scales_q3(q: np.ndarray) -> np.ndarray:
 
 def _sigma2(xt: np.ndarray, factor: float) -> np.ndarray:
     """``factor * sum(x*x) / 256`` per super-block in C's order; ``xt``: ``(256, nb)``."""
-    return F32(factor) * _seq_sum(xt * xt) / F32(QK_K)
+    return F32(factor) * seq_sum(xt * xt, axis=0) / F32(QK_K)
 
 
 def _codes(L: np.ndarray) -> np.ndarray:
@@ -352,7 +335,7 @@ def _per_sub(v: np.ndarray, n_sub: int) -> np.ndarray:
 
 def _sub_sums(wt: np.ndarray, n: int) -> np.ndarray:
     """Per sub-block sums of ``wt (256, nb)`` in C's order -> ``(256 // n, nb)``."""
-    return _seq_sum(wt.reshape(QK_K // n, n, -1).transpose(1, 0, 2))  # sum over the n positions
+    return seq_sum(wt.reshape(QK_K // n, n, -1).transpose(1, 0, 2), axis=0)  # sum over the n positions
 
 
 def _choose_q2_k(x: np.ndarray, w: np.ndarray | None) -> KScales:
@@ -410,7 +393,7 @@ def _choose_q45_k(
 ) -> KScales:
     xg = _groups(x, 32)  # (32, nb*8)
     if w is None:
-        av_x = np.sqrt(_seq_sum(xg * xg) / F32(32))  # (nb*8,)
+        av_x = np.sqrt(seq_sum(xg * xg, axis=0) / F32(32))  # (nb*8,)
         scales, mins, L = make_qkx_quants(xg, av_x + np.abs(xg), nmax, *ref_search, use_mad=False)
         scales, mins = _per_sub(scales, 8), _per_sub(mins, 8)  # (8, nb)
         max_scale = _seq_max(scales)  # (nb,)

@@ -9,7 +9,8 @@ square of the value's whole *row*. The block encoders therefore need the row len
 
 All arithmetic is float32 in the order ggml's C code uses (it is built without FMA), sums run
 left to right, and ties in the max/min searches keep the first element, as the C loops do.
-The numeric helpers here (nearest_int, seq_sum, ...) are shared with iq4.py.
+The numeric helpers here (first_absmax, safe_div, the nibble packers, ...) are shared with
+iq4.py; nearest_int and seq_sum, shared with the K-quants too, are in floats.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ggq.ggml.floats import fp16_bytes, fp16_field
+from ggq.ggml.floats import fp16_bytes, fp16_field, nearest_int, seq_sum
 from ggq.ggml.registry import CodeGrid, QuantError, register
 
 F32 = np.float32
@@ -31,12 +32,6 @@ FLT_MAX = float(np.finfo(np.float32).max)
 # ---------------------------------------------------------------- numeric helpers (float32, C order)
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int: add 1.5 * 2**23 in float32 and read the low mantissa bits (int32)."""
-    bits = (np.asarray(v, dtype=F32) + F32(12582912.0)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
-
-
 def roundf(v: np.ndarray) -> np.ndarray:
     """C roundf (half away from zero), float32 in and out; the float64 ``+ 0.5`` is exact."""
     return np.copysign(np.floor(np.abs(v).astype(np.float64) + 0.5), v).astype(F32)
@@ -46,18 +41,6 @@ def trunc_to_byte(v: np.ndarray) -> np.ndarray:
     """C ``(int8_t)`` / ``(uint8_t)`` of a float: truncate to int32, keep the low byte (uint8)."""
     with np.errstate(invalid="ignore"):
         return v.astype(np.int32).astype(np.uint8)
-
-
-def seq_sum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
-    """``(n, k)`` -> ``(n,)``: the C loop ``s = 0; s += a[j]`` in float32, strictly left to right.
-
-    ``from_zero=False`` starts from ``a[:, 0]`` instead (``s = a[0]; for j >= 1``), which differs
-    only in the sign of an all-zero sum.
-    """
-    total = np.zeros(a.shape[0], dtype=F32) + a[:, 0] if from_zero else a[:, 0].astype(F32)
-    for j in range(1, a.shape[1]):
-        total += a[:, j]
-    return total
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +131,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.nd
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)  # (nb, k) int32
         qf = q.astype(F32)
-        return q, seq_sum(weights * x * qf), seq_sum(weights * qf * qf)
+        return q, seq_sum(weights * x * qf, axis=1), seq_sum(weights * qf * qf, axis=1)
 
     q, sumlx, suml2 = trial(F32(-nmax) / vmax)
     codes = q + nmax  # (nb, k)
@@ -176,8 +159,8 @@ def make_qkx3_quants(
     """
     vmin = first_extreme(x, np.fmin, np.inf)
     vmax = first_extreme(x, np.fmax, -np.inf)
-    sum_w = seq_sum(weights, from_zero=False)
-    sum_x = seq_sum(weights * x, from_zero=False)
+    sum_w = seq_sum(weights, from_zero=False, axis=1)
+    sum_x = seq_sum(weights * x, from_zero=False, axis=1)
     vmin = np.where(vmin > 0, F32(0), vmin)
     flat = vmax <= vmin  # (nb,)
     span = np.where(flat, F32(1), vmax - vmin)
@@ -186,16 +169,16 @@ def make_qkx3_quants(
     scale = F32(1) / iscale
     codes = np.clip(nearest_int(iscale[:, None] * (x - vmin[:, None])), 0, nmax)  # (nb, k)
     diff = scale[:, None] * codes.astype(F32) + vmin[:, None] - x
-    best_mad = seq_sum(weights * (diff * diff))
+    best_mad = seq_sum(weights * (diff * diff), axis=1)
     for step in range(nstep + 1):
         # as in C, an accepted step moves ``min`` and with it the grid of the following steps
         span = np.where(flat, F32(1), vmax - vmin)
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / span
         q = np.clip(nearest_int(iscale[:, None] * (x - vmin[:, None])), 0, nmax)  # (nb, k)
         qf = q.astype(F32)
-        sum_l = seq_sum(weights * qf)
-        sum_l2 = seq_sum(weights * qf * qf)
-        sum_xl = seq_sum(weights * qf * x)
+        sum_l = seq_sum(weights * qf, axis=1)
+        sum_l2 = seq_sum(weights * qf * qf, axis=1)
+        sum_xl = seq_sum(weights * qf * x, axis=1)
         det = sum_w * sum_l2 - sum_l * sum_l
         solvable = det > 0
         this_scale = safe_div(sum_w * sum_xl - sum_x * sum_l, det)
@@ -204,7 +187,7 @@ def make_qkx3_quants(
         this_min = np.where(clamp, F32(0), this_min)
         this_scale = np.where(clamp, safe_div(sum_xl, sum_l2), this_scale)
         diff = this_scale[:, None] * qf + this_min[:, None] - x
-        mad = seq_sum(weights * (diff * diff))
+        mad = seq_sum(weights * (diff * diff), axis=1)
         better = solvable & (mad < best_mad) & ~flat  # (nb,)
         codes = np.where(better[:, None], q, codes)
         best_mad = np.where(better, mad, best_mad)
