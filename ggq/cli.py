@@ -11,9 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import suppress
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -21,8 +19,9 @@ from typing import Any
 import click
 
 from ggq import __version__
+from ggq.files import TEMPORARIES
 from ggq.gguf.recipe import BITS_RECIPES
-from ggq.gguf.writer import TEMPORARIES, check_output_path
+from ggq.gguf.writer import check_output_path
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: ppl's n_batch // n_ctx chunks decode side by side
 
@@ -45,26 +44,6 @@ class Terminated(BaseException):
     in library code cannot swallow it."""
 
 
-@dataclass(frozen=True)
-class NewFiles:
-    """Files matching ``pattern`` under ``folder`` that appeared since the snapshot: temporary files
-    a cut-short step leaves (study's caches, ppl's baseline and plot), removed on a signal."""
-
-    folder: Path
-    pattern: str
-    before: frozenset[Path]
-
-    @classmethod
-    def snapshot(cls, folder: Path, pattern: str) -> NewFiles:
-        return cls(folder, pattern, frozenset(folder.glob(pattern)) if folder.is_dir() else frozenset())
-
-    def __call__(self) -> None:
-        if self.folder.is_dir():
-            for p in self.folder.glob(self.pattern):
-                if p not in self.before and p.is_file():
-                    p.unlink(missing_ok=True)
-
-
 class SignalGuard:
     """For the duration of a command, SIGINT and SIGTERM raise in the main thread (KeyboardInterrupt,
     Terminated), even where the shell started ggq with SIGINT ignored (a background job of a
@@ -75,7 +54,6 @@ class SignalGuard:
     itself, prints the same line and exits with the same status."""
 
     def __init__(self) -> None:
-        self.sweeps: list[Callable[[], None]] = []
         self.signum: int | None = None
         self.interactive_sigint = False  # chat's REPL: every Ctrl-C stops a reply, none ends ggq
         self._old: dict[int, Any] = {}
@@ -145,27 +123,14 @@ class SignalGuard:
             if self._done.is_set():
                 return
             TEMPORARIES.remove_all()
-            self.cleanup()
             code, word = SIGNAL_EXITS[signal.Signals(signum)]
             os.write(2, f"{word}\n".encode())
             os._exit(code)
-
-    def cleanup(self) -> None:
-        for sweep in self.sweeps:
-            with suppress(OSError):
-                sweep()
 
 
 def _guard() -> SignalGuard | None:
     guard = click.get_current_context().meta.get(_GUARD)
     return guard if isinstance(guard, SignalGuard) else None
-
-
-def _on_signal(sweep: Callable[[], None]) -> None:
-    """Run ``sweep`` (remove a step's temporary files) when a signal ends the command."""
-    guard = _guard()
-    if guard is not None:
-        guard.sweeps.append(sweep)
 
 
 def _check_output(path: Path) -> None:
@@ -177,16 +142,6 @@ def _check_output(path: Path) -> None:
         raise UserError(str(exc)) from exc
 
 
-def _on_signal_ppl(plot: Path | None, vs_q4_0: bool) -> None:
-    if plot is not None:
-        _on_signal(NewFiles.snapshot(plot.parent, f".{plot.name}.tmp.png"))
-    if vs_q4_0:
-        from ggq.eval.baseline import cache_dir
-
-        # q4_0_baseline writes .NAME.PID.tmp: only this process's
-        _on_signal(NewFiles.snapshot(cache_dir() / "baselines", f".*.{os.getpid()}.tmp"))
-
-
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         guard = SignalGuard()
@@ -195,7 +150,6 @@ class _Group(click.Group):
             with guard:
                 return super().invoke(ctx)
         except (KeyboardInterrupt, Terminated) as exc:
-            guard.cleanup()
             code, word = SIGNAL_EXITS[signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM]
             click.echo(word, err=True)
             raise click.exceptions.Exit(code) from None
@@ -478,7 +432,6 @@ def ppl(
     config = PerplexityConfig(
         n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads, n_gpu_layers=n_gpu_layers
     )
-    _on_signal_ppl(plot, vs_q4_0)
     try:
         if plot is not None:
             _check_output(plot)
@@ -670,7 +623,6 @@ def study(
         references=not no_reference,
         tasks=tasks,
     )
-    _on_signal(NewFiles.snapshot(cfg.out, "**/.*.tmp*"))  # llama-quantize/-imatrix outputs, JSON, plots
     try:
         if calib is not None:  # a text that cannot serve fails before the base conversion
             calib_mod.read_text(calib)

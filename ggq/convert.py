@@ -19,10 +19,10 @@ import numpy as np
 
 from ggq import calib, ggml
 from ggq.checkpoint import Checkpoint
+from ggq.files import sha256_file
 from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
-from ggq.hashing import sha256_file
 from ggq.imatrix import save_imatrix
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
 

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+from ggq.files import atomic_write
+
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-tokenize", "llama-bench")
 
 
@@ -77,9 +79,8 @@ def bind_llama_cpp() -> Path:
         link.unlink()
     elif link.is_dir():
         shutil.rmtree(link)  # a wheel's own copy of llama.cpp: two builds in one process is a bug
-    tmp = link.with_name(f".lib.{os.getpid()}")
-    tmp.symlink_to(target, target_is_directory=True)
-    tmp.replace(link)
+    with atomic_write(link, f".{os.getpid()}") as tmp:
+        tmp.symlink_to(target, target_is_directory=True)
     return link
 
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ggq import __version__, ggml, native
+from ggq.files import atomic_write, cache_key, sha256_file
 from ggq.gguf import recipe as rc
-from ggq.hashing import sha256_file
 
 if TYPE_CHECKING:
     from ggq.convert import ConvertOptions
@@ -81,7 +81,7 @@ class Entry:
 
 
 def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
+    return cache_key(*(str(p) for p in parts))
 
 
 # compiled modules whose code shapes a GGUF (the ggml encoders) or a score (the evaluator)
@@ -154,10 +154,8 @@ def checkpoint_digest(model: Path) -> str:
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))
 
 
 def _tool(name: str, *args: str) -> None:
@@ -248,22 +246,21 @@ class Study:
         path = self.gguf_dir / f"{self.name}-imatrix-{key}.gguf"
         if not path.exists():
             self.log(f"llama-imatrix on {self.calib.name}")
-            tmp = path.with_name(f".{path.name}.tmp.gguf")
             threads = str(self.cfg.threads or len(os.sched_getaffinity(0)))
-            _tool(
-                "llama-imatrix",
-                "-m",
-                str(base.path),
-                "-f",
-                str(self.calib),
-                "-o",
-                str(tmp),
-                "-c",
-                str(self.cfg.n_ctx),
-                "-t",
-                threads,
-            )
-            os.replace(tmp, path)
+            with atomic_write(path, ".tmp.gguf") as tmp:  # a .gguf name: llama-imatrix warns otherwise
+                _tool(
+                    "llama-imatrix",
+                    "-m",
+                    str(base.path),
+                    "-f",
+                    str(self.calib),
+                    "-o",
+                    str(tmp),
+                    "-c",
+                    str(self.cfg.n_ctx),
+                    "-t",
+                    threads,
+                )
         return path
 
     def reference(self, name: str, bits: str, base: Entry, imatrix: Path | None) -> Entry:
@@ -272,10 +269,9 @@ class Study:
         path = self._path(t, name, key)
         if not path.exists():
             self.log(f"llama-quantize {t}" + (" --imatrix" if imatrix else ""))
-            tmp = path.with_name(f".{path.name}.tmp.gguf")
             extra = ["--imatrix", str(imatrix)] if imatrix else []
-            _tool("llama-quantize", *extra, str(base.path), str(tmp), t)
-            os.replace(tmp, path)
+            with atomic_write(path, ".tmp.gguf") as tmp:
+                _tool("llama-quantize", *extra, str(base.path), str(tmp), t)
         return Entry(name, bits, t, path)
 
     # -- evaluation -----------------------------------------------------------------------
@@ -352,8 +348,8 @@ class Study:
                 )
         doc = self.document(base, entries)
         _atomic_json(self.cfg.out / "study.json", doc)
-        md = render_markdown(doc)
-        (self.cfg.out / "study.md").write_text(md)
+        with atomic_write(self.cfg.out / "study.md") as tmp:
+            tmp.write_text(render_markdown(doc))
         write_plots(doc, self.cfg.out)
         return doc
 
@@ -480,10 +476,9 @@ def write_plots(doc: dict[str, Any], out: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = out / f".{fname}.tmp.png"
-        fig.savefig(tmp, dpi=120)
+        with atomic_write(out / fname, ".tmp.png") as tmp:  # matplotlib reads the format from the name
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
-        os.replace(tmp, out / fname)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

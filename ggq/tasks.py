@@ -14,7 +14,6 @@ score is cached as JSON, keyed by the file's content, the context size and the l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from ggq import native
 from ggq.eval.llama_tools import run_for
-from ggq.hashing import sha256_file
+from ggq.files import atomic_write, cache_key, sha256_file
 
 KINDS = (
     ("hellaswag", "hellaswag*.txt", ["--hellaswag"]),
@@ -176,20 +175,17 @@ def run_tasks(
     scores = {}
     commit = str(native.load().LLAMA_CPP_COMMIT)
     for name, kind, path in find_tasks(folder):
-        parts = json.dumps([sha256_file(path), kind, n_ctx, commit, key])
-        digest = hashlib.sha256(parts.encode()).hexdigest()[:12]
+        digest = cache_key(sha256_file(path), kind, n_ctx, commit, key)
         cached = cache / f"{model.stem}-task-{name}-{digest}.json"
         if cached.exists():
             scores[name] = float(json.loads(cached.read_text())["accuracy"])
             continue
         log(f"llama-perplexity --{kind} {path.name} on {model.name}")
         scores[name] = score(model, kind, path, threads, n_ctx)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.tmp")
-        tmp.write_text(
-            json.dumps({"model": model.name, "task": name, "file": path.name, "accuracy": scores[name]})
-        )
-        os.replace(tmp, cached)
+        with atomic_write(cached) as tmp:
+            tmp.write_text(
+                json.dumps({"model": model.name, "task": name, "file": path.name, "accuracy": scores[name]})
+            )
     return scores
 
 

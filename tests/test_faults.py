@@ -97,7 +97,7 @@ HARNESS = """
 import ctypes, sys
 from pathlib import Path
 from ggq.cli import main
-from ggq.gguf.writer import TEMPORARIES
+from ggq.files import TEMPORARIES
 
 @main.command("native-wait")
 def native_wait() -> None:

@@ -8,15 +8,14 @@ costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from ggq import ggml, native
 from ggq.eval.perplexity import PerplexityError
+from ggq.files import atomic_write, sha256_file, short_hash
 from ggq.gguf import GGUFFormatError, read_gguf
 from ggq.gguf import recipe as rc
-from ggq.hashing import sha256_file
 
 FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in ggml.FLOAT_TYPES}
 
@@ -46,18 +45,14 @@ def q4_0_baseline(base: Path, n_threads: int = 0, cache: Path | None = None) -> 
     """Path of llama.cpp's Q4_0 of ``base``, made on first use (atomically) and cached."""
     check_float_base(base)
     mod = native.load()
-    key = hashlib.sha256(f"{sha256_file(base)}:{mod.LLAMA_CPP_COMMIT}:Q4_0".encode()).hexdigest()[:20]
+    key = short_hash(f"{sha256_file(base)}:{mod.LLAMA_CPP_COMMIT}:Q4_0", 20)
     folder = (cache or cache_dir()) / "baselines"
     out = folder / f"{base.stem}-{key}-llama.cpp-Q4_0.gguf"
     if out.is_file():
         return out
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        mod.quantize(str(base), str(tmp), rc.FILE_TYPES["Q4_0"].llama_ftype, n_threads)
-        os.replace(tmp, out)
+        with atomic_write(out, f".{os.getpid()}.tmp") as tmp:  # processes may share the cache
+            mod.quantize(str(base), str(tmp), rc.FILE_TYPES["Q4_0"].llama_ftype, n_threads)
     except mod.LlamaError as exc:
         raise PerplexityError(str(exc)) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -31,6 +31,7 @@ from ggq.eval.perplexity import (
     run,
     run_against_base,
 )
+from ggq.files import atomic_write
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 
@@ -223,11 +224,9 @@ def write_plot(rows: list[Row], out: Path, source: str) -> None:
     ax.set_title(f"{'KLD' if use_kld else 'PPL'} vs size on {Path(source).name}", fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(out, ".tmp.png") as tmp:  # matplotlib reads the format from the name
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(out)
 
 
 def resolve_text(text_file: Path | None, dataset: str | None) -> tuple[bytes, str]:

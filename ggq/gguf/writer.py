@@ -17,7 +17,6 @@ import fcntl
 import os
 import struct
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ggq.files import TEMPORARIES, Pending
 from ggq.gguf.constants import DTYPE, GGUF_MAGIC, STRUCT_FORMAT, ValueType
 
 GGUF_VERSION = 3
@@ -40,33 +40,6 @@ class WriterError(RuntimeError):
 class OutputError(WriterError):
     """The output cannot be written (missing or read-only folder, disk full, another writer):
     one line naming the file, the folder or the other process."""
-
-
-class Temporaries:
-    """Temporary files this process is writing now. A signal handler that cannot wait for the
-    writers to unwind (the main thread stuck in a long native call) removes them before exiting."""
-
-    def __init__(self) -> None:
-        self._paths: set[Path] = set()
-        self._lock = threading.Lock()
-
-    def add(self, path: Path) -> None:
-        with self._lock:
-            self._paths.add(path)
-
-    def discard(self, path: Path) -> None:
-        with self._lock:
-            self._paths.discard(path)
-
-    def remove_all(self) -> None:
-        with self._lock:
-            paths, self._paths = self._paths, set()
-        for p in paths:
-            p.unlink(missing_ok=True)
-
-
-# process-wide, as signals are: every writer registers its .part and .lock here while it writes
-TEMPORARIES = Temporaries()
 
 
 def check_output_path(path: Path) -> None:
@@ -188,7 +161,7 @@ class GGUFWriter:
         self._next_offset = 0
         self._next_tensor = 0
         self._state = _State.META
-        self._tmp: Path | None = None
+        self._tmp: Pending | None = None
         self._f: BinaryIO | None = None
         self._lock: tuple[Path, int] | None = None
         if alignment != ALIGNMENT:
@@ -245,9 +218,8 @@ class GGUFWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _acquire_lock(self.path)
             TEMPORARIES.add(self._lock[0])
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-            self._tmp, self._f = Path(tmp), os.fdopen(fd, "wb")
-            TEMPORARIES.add(self._tmp)
+            self._tmp, fd = Pending.create(self.path, ".part")
+            self._f = os.fdopen(fd, "wb")
         with self._os_errors("write"):
             f = self._f
             f.write(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(self._tensors), len(self._kv)))
@@ -295,9 +267,8 @@ class GGUFWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-            os.chmod(self._tmp, 0o644)
-            self._tmp.replace(self.path)
-        TEMPORARIES.discard(self._tmp)
+            os.chmod(self._tmp.tmp, 0o644)
+            self._tmp.commit()
         self._release_lock()
         self._state = _State.DONE
         return self.path
@@ -317,8 +288,7 @@ class GGUFWriter:
             with suppress(OSError):
                 self._f.close()
         if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            TEMPORARIES.discard(self._tmp)
+            self._tmp.discard()
         self._release_lock()
 
     def __enter__(self) -> GGUFWriter:
