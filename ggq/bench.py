@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ggq import native
+from ggq.eval.llama_tools import run
 from ggq.eval.perplexity import PerplexityError, check_gpu_layers, check_model_file
 from ggq.eval.report import FileInfo, file_info, type_label
 
@@ -81,26 +80,18 @@ def run_llama_bench(
     """
     cmd = [str(native.tool_path("llama-bench")), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen)]
     cmd += ["-r", str(repetitions), "-t", str(threads), "-ngl", str(n_gpu_layers), "-o", "json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
-    done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            hwm = _vm_hwm_mib(proc.pid)
-            if hwm is not None:
-                peak[0] = max(peak[0], hwm)
-            done.wait(0.02)
+    def sample(pid: int) -> None:
+        hwm = _vm_hwm_mib(pid)
+        if hwm is not None:
+            peak[0] = max(peak[0], hwm)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        tail = err.strip().splitlines()[-3:]
-        raise BenchError(f"{path}: llama-bench failed (exit {proc.returncode}): {' / '.join(tail)}")
-    return json.loads(out), peak[0]
+    done = run(cmd, watch=sample, every_s=0.02)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise BenchError(f"{path}: llama-bench failed (exit {done.returncode}): {' / '.join(tail)}")
+    return json.loads(done.stdout), peak[0]
 
 
 def bench_file(

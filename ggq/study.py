@@ -24,7 +24,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ggq import __version__, ggml, native
+from ggq.eval.llama_tools import run
 from ggq.files import atomic_write, cache_key, sha256_file
 from ggq.gguf import recipe as rc
 
@@ -159,9 +159,9 @@ def _atomic_json(path: Path, doc: Any) -> None:
 
 
 def _tool(name: str, *args: str) -> None:
-    done = subprocess.run([str(native.tool_path(name)), *args], capture_output=True, text=True)
+    done = run([str(native.tool_path(name)), *args])
     if done.returncode != 0:
-        raise StudyError(f"{name} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+        raise StudyError(f"{name} failed: {done.log.strip().splitlines()[-1:]}")
 
 
 class Study:

@@ -244,3 +244,47 @@ def test_statistics_of_known_values() -> None:
     assert s.kld_p90 == pytest.approx(0.9) and s.kld_p99 == pytest.approx(0.99) and s.kld_max == 1.0
     assert s.ln_ppl_ratio == pytest.approx(1.0) and s.ppl == pytest.approx(np.exp(2.0))
     assert s.same_top == pytest.approx(75 / 101)
+
+
+# llama-perplexity --kl-divergence's summary as its printf formats write it (pinned llama.cpp)
+SUMMARY = """====== Perplexity statistics ======
+Mean PPL(Q)                   :  25.123456 ±   0.345678
+Mean PPL(base)                :  24.987654 ±   0.341234
+Cor(ln(PPL(Q)), ln(PPL(base))):  99.12%
+Mean ln(PPL(Q)/PPL(base))     :   0.005421 ±   0.001234
+Mean PPL(Q)/PPL(base)         :   1.005436 ±   0.001241
+Mean PPL(Q)-PPL(base)         :   0.135802 ±   0.031000
+
+====== KL divergence statistics ======
+Mean    KLD:   0.012345 ±   0.000456
+Maximum KLD:   1.234567
+99.9%   KLD:   0.456789
+99.0%   KLD:   0.123456
+95.0%   KLD:   0.045678
+90.0%   KLD:   0.023456
+Median  KLD:   0.005678
+Minimum KLD:  -0.000001
+
+====== Token probability statistics ======
+Mean    Δp: -0.123 ± 0.045 %
+Maximum Δp: 45.678%
+Median  Δp: -0.001%
+RMS Δp    :  3.456 ± 0.123 %
+Same top p: 95.432 ± 0.210 %
+"""
+
+
+def test_kld_summaries_read_one_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kld() is four of kld_stats()'s values as printed (top1 in %, PPL(base) the tool's), and a log
+    that lost its last line is run again (llama.cpp issue 22142), for both."""
+    runs = iter([SUMMARY.rsplit("Same", 1)[0], SUMMARY] * 2)
+    monkeypatch.setattr(llama_tools, "run", lambda cmd: llama_tools.ToolRun(0, next(runs), ""))
+    brief = llama_tools.kld(Path("q.gguf"), Path("base.kld"))
+    assert brief == {"ppl": 25.123456, "ppl_base": 24.987654, "kld": 0.012345, "top1": 95.432}
+    stats = llama_tools.kld_stats(Path("q.gguf"), Path("base.kld"))
+    assert stats["ppl"] == 25.123456 and stats["ppl_err"] == 0.345678 and stats["kld_max"] == 1.234567
+    assert stats["dp_mean"] == -0.123 * 0.01 and stats["dp_mean_err"] == 0.045 * 0.01
+    assert stats["same_top"] == 95.432 * 0.01 and stats["dp_max"] == 45.678 * 0.01
+    assert len(stats) == 14 + 7  # every statistic, a "_err" for each of the 7 with a ±
+    with pytest.raises(llama_tools.LlamaToolError, match="no 'same_top'"):
+        llama_tools.parse_kld_stats(SUMMARY.rsplit("Same", 1)[0])

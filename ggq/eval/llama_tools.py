@@ -1,44 +1,47 @@
-"""llama.cpp's own `llama-perplexity --kl-divergence`, run and read: the reference ggq's quants
-are judged by (tools/bench_quality.py, the demo, tests).
+"""llama.cpp's programs, run and read: :func:`run` is how ggq runs every one of them (study's
+llama-quantize and llama-imatrix, bench's llama-bench, the zero-shot tasks), and
+`llama-perplexity --kl-divergence` is the reference ggq's quants are judged by
+(tools/bench_quality.py, the demo, tests).
 
-At this pin the tool's asynchronous logger can exit with its last lines unprinted (about one run
-in ten, exit code 0; llama.cpp issue 22142), so a run whose summary is missing is repeated.
+At this pin the tools' asynchronous logger can exit with its last lines unprinted (about one run
+in ten, exit code 0; llama.cpp issue 22142), so a run whose result is missing from its log is
+repeated (:func:`run_for`).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from ggq import native
 
-KLD_FIELDS = {
-    "ppl": r"Mean PPL\(Q\)\s*:\s*([0-9.]+)",
-    "ppl_base": r"Mean PPL\(base\)\s*:\s*([0-9.]+)",
-    "kld": r"Mean\s+KLD:\s+([0-9.]+)",
-    "top1": r"Same top p:\s+([0-9.]+)",  # percent
-}
-# every statistic of the summary, as "name: value" (± uncertainty); values in % stay in %
 _NUM = r"(-?[0-9.]+)"
+_PM = _NUM + r"\s*±\s*" + _NUM  # value ± uncertainty
+# every statistic of the --kl-divergence summary: its line (a second group: the ± of the first)
+# and whether the tool prints it in percent
 KLD_STATS = {
-    "ppl": (r"Mean PPL\(Q\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "ppl_base": (r"Mean PPL\(base\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "ln_ppl_ratio": (r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "kld": (r"Mean\s+KLD:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "kld_max": r"Maximum KLD:\s*" + _NUM,
-    "kld_p999": r"99\.9%\s+KLD:\s*" + _NUM,
-    "kld_p99": r"99\.0%\s+KLD:\s*" + _NUM,
-    "kld_p95": r"95\.0%\s+KLD:\s*" + _NUM,
-    "kld_p90": r"90\.0%\s+KLD:\s*" + _NUM,
-    "kld_median": r"Median\s+KLD:\s*" + _NUM,
-    "dp_mean": (r"Mean\s+Δp:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "dp_max": r"Maximum Δp:\s*" + _NUM,
-    "dp_rms": (r"RMS Δp\s*:\s*" + _NUM + r"\s*±\s*" + _NUM),
-    "same_top": (r"Same top p:\s*" + _NUM + r"\s*±\s*" + _NUM),
+    "ppl": (r"Mean PPL\(Q\)\s*:\s*" + _PM, False),
+    "ppl_base": (r"Mean PPL\(base\)\s*:\s*" + _PM, False),
+    "ln_ppl_ratio": (r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*" + _PM, False),
+    "kld": (r"Mean\s+KLD:\s*" + _PM, False),
+    "kld_max": (r"Maximum KLD:\s*" + _NUM, False),
+    "kld_p999": (r"99\.9%\s+KLD:\s*" + _NUM, False),
+    "kld_p99": (r"99\.0%\s+KLD:\s*" + _NUM, False),
+    "kld_p95": (r"95\.0%\s+KLD:\s*" + _NUM, False),
+    "kld_p90": (r"90\.0%\s+KLD:\s*" + _NUM, False),
+    "kld_median": (r"Median\s+KLD:\s*" + _NUM, False),
+    "dp_mean": (r"Mean\s+Δp:\s*" + _PM, True),
+    "dp_max": (r"Maximum Δp:\s*" + _NUM, True),
+    "dp_rms": (r"RMS Δp\s*:\s*" + _PM, True),
+    "same_top": (r"Same top p:\s*" + _PM, True),
 }
+# kld()'s short summary: its names for four of the statistics, values as printed (top1 in %)
+KLD_BRIEF = {"ppl": "ppl", "ppl_base": "ppl_base", "kld": "kld", "top1": "same_top"}
 FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 ATTEMPTS = 8
 T = TypeVar("T")
@@ -46,6 +49,61 @@ T = TypeVar("T")
 
 class LlamaToolError(RuntimeError):
     """llama-perplexity failed or never printed what was asked for."""
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """A finished run of a llama.cpp program."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def log(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run(cmd: Sequence[str], watch: Callable[[int], None] | None = None, every_s: float = 0.02) -> ToolRun:
+    """Run a llama.cpp program to its end, reading both pipes as it writes (a full pipe would stall
+    it); ``watch(pid)`` is called every ``every_s`` seconds while it runs (bench samples its peak
+    memory). An exception while it runs (Ctrl-C, SIGTERM) kills it."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        done = threading.Event()
+
+        def sample(watch: Callable[[int], None]) -> None:
+            while not done.is_set():
+                watch(proc.pid)
+                done.wait(every_s)
+
+        sampler = None if watch is None else threading.Thread(target=sample, args=(watch,), daemon=True)
+        if sampler is not None:
+            sampler.start()
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            done.set()
+            if sampler is not None:
+                sampler.join()
+    return ToolRun(proc.returncode, out, err)
+
+
+def run_for(cmd: list[str], parse: Callable[[str], T | None]) -> tuple[T | None, str]:
+    """Run a llama.cpp tool until ``parse`` finds its result in the log (at most ATTEMPTS runs:
+    a log can lose its last lines, see above); (result or None, the last log)."""
+    log = ""
+    for _ in range(ATTEMPTS):
+        done = run(cmd)
+        log = done.log
+        if done.returncode != 0:
+            break
+        found = parse(log)
+        if found is not None:
+            return found, log
+    return None, log
 
 
 def _common(n_ctx: int, chunks: int, threads: int) -> list[str]:
@@ -88,6 +146,17 @@ def ppl(
     return found
 
 
+def _find(log: str, keys: Iterable[str]) -> dict[str, re.Match[str]]:
+    """The summary lines of the statistics ``keys``; LlamaToolError naming the first one missing."""
+    found = {}
+    for key in keys:
+        m = re.search(KLD_STATS[key][0], log)
+        if m is None:
+            raise LlamaToolError(f"no {key!r} in the llama-perplexity summary")
+        found[key] = m
+    return found
+
+
 def parse_kld_stats(log: str) -> dict[str, float]:
     """Every statistic of llama-perplexity's --kl-divergence summary; "X_err" for each "± Y".
 
@@ -95,30 +164,12 @@ def parse_kld_stats(log: str) -> dict[str, float]:
     summary is incomplete.
     """
     out: dict[str, float] = {}
-    for key, pattern in KLD_STATS.items():
-        m = re.search(pattern, log)
-        if m is None:
-            raise LlamaToolError(f"no {key!r} in the llama-perplexity summary")
-        scale = 0.01 if key.startswith(("dp_", "same_top")) else 1.0
+    for key, m in _find(log, KLD_STATS).items():
+        scale = 0.01 if KLD_STATS[key][1] else 1.0
         out[key] = float(m.group(1)) * scale
         if m.lastindex == 2:
             out[key + "_err"] = float(m.group(2)) * scale
     return out
-
-
-def run_for(cmd: list[str], parse: Callable[[str], T | None]) -> tuple[T | None, str]:
-    """Run a llama.cpp tool until ``parse`` finds its result in the log (at most ATTEMPTS runs:
-    a log can lose its last lines, see above); (result or None, the last log)."""
-    log = ""
-    for _ in range(ATTEMPTS):
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        log = done.stdout + done.stderr
-        if done.returncode != 0:
-            break
-        found = parse(log)
-        if found is not None:
-            return found, log
-    return None, log
 
 
 def _kld_run(
@@ -139,8 +190,11 @@ def _try_stats(log: str) -> dict[str, float] | None:
 
 
 def _summary(log: str) -> dict[str, float] | None:
-    found = {key: re.search(pattern, log) for key, pattern in KLD_FIELDS.items()}
-    return {key: float(m.group(1)) for key, m in found.items() if m} if all(found.values()) else None
+    try:
+        found = _find(log, KLD_BRIEF.values())
+    except LlamaToolError:
+        return None
+    return {name: float(found[key].group(1)) for name, key in KLD_BRIEF.items()}
 
 
 def kld_stats(
