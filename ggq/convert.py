@@ -1,8 +1,8 @@
 """`ggq convert`: a Qwen3 Hugging Face checkpoint to a GGUF file, tensor by tensor.
 
 Reads one tensor at a time, decides its ggml type by the recipe (llama-quantize's rules),
-encodes it with ggq's own block encoders (RTN here; calibration solvers plug in later), and
-streams it into an atomic GGUF writer.
+encodes it with ggq's own block encoders (RTN), or takes the blocks the calibration solvers
+(GPTQ, AWQ, AWQ+GPTQ) return layer by layer, and streams it into an atomic GGUF writer.
 """
 
 from __future__ import annotations

@@ -131,14 +131,3 @@ def _ggml_shape(arr: np.ndarray) -> tuple[int, ...]:
     while len(ne) > 1 and ne[-1] == 1:
         ne.pop()
     return tuple(ne)
-
-
-def hessian_entry(h: np.ndarray, tokens: int) -> tuple[np.ndarray, int]:
-    """An imatrix entry from a GPTQ Hessian ``h`` = sum over ``tokens`` of x x^T (n_in, n_in):
-    its diagonal is the sum of x^2 per input column."""
-    h = np.asarray(h)
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ImatrixError(f"a Hessian must be square, got shape {h.shape}")
-    if tokens <= 0:
-        raise ImatrixError(f"a Hessian entry needs the number of tokens it sums, got {tokens}")
-    return np.diag(h).astype(np.float32), int(tokens)

@@ -100,21 +100,3 @@ def embed(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
         [torch.from_numpy(ckpt.load("token_embd.weight", int(t), int(t) + 1)[0]) for t in unique]
     )
     return rows[inverse].reshape(*tokens.shape, -1)
-
-
-def logits(ckpt: Checkpoint, h: torch.Tensor) -> torch.Tensor:
-    """Final norm and output projection (tied embeddings read token_embd)."""
-    hp = ckpt.hparams
-    h = rms_norm(h, torch.from_numpy(ckpt.load("output_norm.weight")), hp.rms_eps)
-    head = "token_embd.weight" if hp.tie_word_embeddings else "output.weight"
-    return h @ torch.from_numpy(ckpt.load(head)).T
-
-
-def forward(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
-    """The whole model, layer by layer: (B, T) -> logits (B, T, n_vocab)."""
-    hp = ckpt.hparams
-    rope = Rope.build(hp, tokens.shape[1])
-    h = embed(ckpt, tokens)
-    for i in range(hp.n_layer):
-        h = layer_forward(h, load_layer(ckpt, i), hp, rope)
-    return logits(ckpt, h)

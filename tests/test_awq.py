@@ -19,6 +19,7 @@ from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 from ggq.solvers import awq
 from ggq.solvers.gptq import supported_types
+from tests.test_qwen3_forward import logits
 
 
 def _transformers_logits(ckpt_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def _folded_logits(ckpt: Checkpoint, tokens: torch.Tensor, seed: int) -> torch.T
                 assert int(channel.max()) + 1 == n_ch
                 awq.fold(w, group, scales, channel)
             h = qwen3.layer_forward(h, w, hp, rope)
-        return qwen3.logits(ckpt, h)
+        return logits(ckpt, h)
 
 
 @pytest.mark.parametrize("variant", ["tied", "untied", "odd-head-dim"])

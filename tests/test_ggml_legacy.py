@@ -32,19 +32,6 @@ QUANTS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"]
 ROW_SIGMA_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}
 
 
-def encode(rows: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
-    """registry.quantize, but passing ``n_per_row`` to the block encoder when there is an imatrix
-    (registry.quantize does not yet; see test_registry_quantize_with_imatrix_multirow)."""
-    if imatrix is None or name not in ROW_SIGMA_TYPES:
-        return registry.quantize(rows, name, imatrix, impl="numpy")
-    fmt = registry.get(name)
-    n_rows, n_per_row = rows.shape
-    blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, fmt.block_size)
-    weights = np.broadcast_to(imatrix.astype(np.float32).reshape(1, -1), rows.shape).reshape(blocks.shape)
-    out = fmt.quantize_blocks(blocks, weights, n_per_row=n_per_row)  # type: ignore[call-arg]
-    return out.reshape(n_rows, -1)
-
-
 def same_floats(ours: np.ndarray, ref: np.ndarray) -> bool:
     """Bit-identical float32, except that any NaN matches any NaN (x86 may pick either operand's
     payload when both operands of an add are NaN, and C compilers may swap commutative operands)."""
@@ -158,7 +145,7 @@ def test_quantize_matches_ggml(name: str, case: str, with_imatrix: bool) -> None
     sum order and packing detail of ggml's encoders (the input docstrings name the risky ones)."""
     rows = CASES[case](np.random.default_rng(zlib.crc32(f"{name}/{case}".encode())))
     imatrix = imatrix_for(rows.shape[1]) if with_imatrix else None
-    ours = encode(rows, name, imatrix)
+    ours = registry.quantize(rows, name, imatrix, impl="numpy")
     ref = ggml_ref.quantize(rows, TYPE_IDS[name], imatrix)
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
     bad = np.flatnonzero((ours != ref).any(axis=0))
@@ -176,7 +163,7 @@ def test_imatrix_with_zero_columns_matches_ggml(name: str) -> None:
     imatrix = imatrix_for(rows.shape[1])
     imatrix[:256] = 0.0  # whole blocks and a whole IQ4_XS super-block
     imatrix[300:700:3] = 0.0  # scattered
-    ours = encode(rows, name, imatrix)
+    ours = registry.quantize(rows, name, imatrix, impl="numpy")
     assert np.array_equal(ours, ggml_ref.quantize(rows, TYPE_IDS[name], imatrix))
 
 

@@ -1,1 +1,1 @@
-"""Calibration-based solvers: GPTQ (and AWQ next) targeting ggml block formats."""
+"""Calibration-based solvers targeting ggml block formats: GPTQ, AWQ, and AWQ then GPTQ."""
