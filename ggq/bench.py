@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ggq import native
+from ggq.errors import GGQError
 from ggq.eval.llama_tools import run
 from ggq.eval.perplexity import PerplexityError, check_gpu_layers, check_model_file
 from ggq.eval.report import FileInfo, file_info, type_label
 
 
-class BenchError(ValueError):
+class BenchError(GGQError, ValueError):
     """A file or option the benchmark cannot use; names it."""
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ggq.errors import GGQError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(GGQError, ValueError):
     """Calibration text that cannot give the windows asked for; says what is needed."""
 
 

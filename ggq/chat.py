@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ggq.errors import GGQError
 from ggq.gguf import GGUFFormatError, read_metadata
 
 # Qwen3 model card: thinking mode 0.6 / 0.95 / 20 / 0, non-thinking 0.7 / 0.8 / 20 / 0
@@ -34,7 +35,7 @@ CHATML = (
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 
 
-class ChatError(ValueError):
+class ChatError(GGQError, ValueError):
     """A model or option chat cannot use; names the file or option."""
 
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ggq.errors import GGQError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(GGQError, ValueError):
     """A checkpoint that cannot be read; the message names the file or tensor at fault."""
 
 

@@ -19,9 +19,11 @@ from typing import Any
 import click
 
 from ggq import __version__
+from ggq.errors import GGQError
 from ggq.files import TEMPORARIES
 from ggq.gguf.recipe import BITS_RECIPES
 from ggq.gguf.writer import check_output_path
+from ggq.solvers.method import METHODS
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: ppl's n_batch // n_ctx chunks decode side by side
 
@@ -36,6 +38,9 @@ class UserError(click.ClickException):
 SIGNAL_EXITS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 GRACE_S = 3.0  # after a signal, how long the command may take to unwind before the watchdog exits
 _GUARD = "ggq.signal_guard"  # click Context.meta key
+# commands that read and write the user's files, where an OSError (a missing or unreadable input,
+# a full disk) is said in one line; elsewhere it stays a traceback
+OS_ERRORS_ARE_USERS = frozenset({"convert", "study"})
 
 
 class Terminated(BaseException):
@@ -133,16 +138,10 @@ def _guard() -> SignalGuard | None:
     return guard if isinstance(guard, SignalGuard) else None
 
 
-def _check_output(path: Path) -> None:
-    from ggq.gguf.writer import OutputError
-
-    try:
-        check_output_path(path)
-    except OutputError as exc:
-        raise UserError(str(exc)) from exc
-
-
 class _Group(click.Group):
+    """Runs a command under the signal guard; any GGQError (and, for the commands in
+    ``OS_ERRORS_ARE_USERS``, an OSError) becomes one line on stderr and exit status 2."""
+
     def invoke(self, ctx: click.Context) -> Any:
         guard = SignalGuard()
         ctx.meta[_GUARD] = guard
@@ -153,6 +152,12 @@ class _Group(click.Group):
             code, word = SIGNAL_EXITS[signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM]
             click.echo(word, err=True)
             raise click.exceptions.Exit(code) from None
+        except GGQError as exc:
+            raise UserError(str(exc)) from exc
+        except OSError as exc:
+            if ctx.invoked_subcommand not in OS_ERRORS_ARE_USERS:
+                raise
+            raise UserError(str(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,9 +220,7 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     "file_type",
     help="File type recipe, as llama-quantize names them (Q4_K_M, Q4_0, Q8_0, F16, ...); default Q4_K_M.",
 )
-@click.option(
-    "--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"]), default="rtn", show_default=True
-)
+@click.option("--method", type=click.Choice(list(METHODS)), default="rtn", show_default=True)
 @click.option(
     "--imatrix",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -322,32 +325,29 @@ def convert(
     from ggq import convert as conv
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
-    try:
-        for target in (output, save_imatrix) if not dry_run else ():
-            if target is not None:
-                check_output_path(target)  # an unwritable target fails now, not after the solver
-        conv.run_cli(
-            model,
-            output,
-            conv.cli_options(
-                file_type,
-                method,
-                imatrix,
-                pure,
-                _parse_tensor_types(tensor_types),
-                output_tensor_type,
-                token_embedding_type,
-                leave_output_tensor,
-                threads,
-                conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
-                save_imatrix,
-            ),
-            dry_run=dry_run,
-            as_json=as_json,
-            force=force,
-        )
-    except conv.USER_ERRORS as exc:
-        raise UserError(str(exc)) from exc
+    for target in (output, save_imatrix) if not dry_run else ():
+        if target is not None:
+            check_output_path(target)  # an unwritable target fails now, not after the solver
+    conv.run_cli(
+        model,
+        output,
+        conv.cli_options(
+            file_type,
+            method,
+            imatrix,
+            pure,
+            _parse_tensor_types(tensor_types),
+            output_tensor_type,
+            token_embedding_type,
+            leave_output_tensor,
+            threads,
+            conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
+            save_imatrix,
+        ),
+        dry_run=dry_run,
+        as_json=as_json,
+        force=force,
+    )
 
 
 @main.command()
@@ -432,14 +432,11 @@ def ppl(
     config = PerplexityConfig(
         n_ctx=n_ctx, n_batch=n_batch, n_chunks=n_chunks, n_threads=threads, n_gpu_layers=n_gpu_layers
     )
-    try:
-        if plot is not None:
-            _check_output(plot)
-        report.run_cli(
-            models, text_file, config, as_json=as_json, base=base, vs_q4_0=vs_q4_0, plot=plot, dataset=dataset
-        )
-    except report.USER_ERRORS as exc:
-        raise UserError(str(exc)) from exc
+    if plot is not None:
+        check_output_path(plot)
+    report.run_cli(
+        models, text_file, config, as_json=as_json, base=base, vs_q4_0=vs_q4_0, plot=plot, dataset=dataset
+    )
 
 
 @main.command()
@@ -491,14 +488,11 @@ def chat(
     if guard is not None:
         guard.interactive_sigint = True  # the REPL catches Ctrl-C to stop a reply; SIGTERM still ends
     sampling = chat_mod.Sampling(temperature, top_p, top_k, min_p, max_tokens, seed, ignore_eos)
-    try:
-        session = chat_mod.ChatSession(model, n_ctx, n_gpu_layers, threads, system, think, sampling)
-        if prompt is not None:
-            chat_mod.one_shot(session, prompt)
-        else:
-            chat_mod.repl(session)
-    except chat_mod.ChatError as exc:
-        raise UserError(str(exc)) from exc
+    session = chat_mod.ChatSession(model, n_ctx, n_gpu_layers, threads, system, think, sampling)
+    if prompt is not None:
+        chat_mod.one_shot(session, prompt)
+    else:
+        chat_mod.repl(session)
 
 
 @main.command()
@@ -529,16 +523,13 @@ def bench(
 
     if n_prompt == 0 and n_gen == 0:
         raise UserError("-p 0 and -n 0: nothing to measure")
-    try:
-        bench_mod.run_cli(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers, as_json)
-    except bench_mod.BenchError as exc:
-        raise UserError(str(exc)) from exc
+    bench_mod.run_cli(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers, as_json)
 
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
-    "--methods", default="rtn,gptq,awq", show_default=True, help="Comma-separated: rtn, gptq, awq, awq+gptq."
+    "--methods", default="rtn,gptq,awq", show_default=True, help=f"Comma-separated: {', '.join(METHODS)}."
 )
 @click.option(
     "--bits", default="2,3,4,5,8", show_default=True, help="Comma-separated bits; 2 Q2_K ... 8 Q8_0."
@@ -608,7 +599,7 @@ def study(
     console = Console(stderr=True)
     cfg = study_mod.StudyConfig(
         model=model,
-        methods=_csv(methods, "--methods", ("rtn", "gptq", "awq", "awq+gptq")),
+        methods=_csv(methods, "--methods", METHODS),
         bits=_csv(bits, "--bits", BITS_RECIPES),
         texts=texts,
         out=out or Path(f"study-{model.name}"),
@@ -623,12 +614,9 @@ def study(
         references=not no_reference,
         tasks=tasks,
     )
-    try:
-        if calib is not None:  # a text that cannot serve fails before the base conversion
-            calib_mod.read_text(calib)
-        doc = study_mod.Study(cfg, log=lambda m: console.print(m, soft_wrap=True)).run()
-    except study_mod.USER_ERRORS as exc:
-        raise UserError(str(exc)) from exc
+    if calib is not None:  # a text that cannot serve fails before the base conversion
+        calib_mod.read_text(calib)
+    doc = study_mod.Study(cfg, log=lambda m: console.print(m, soft_wrap=True)).run()
     click.echo(study_mod.render_markdown(doc), nl=False)
     console.print(f"wrote {cfg.out / 'study.md'}, study.json, ppl.png, kld.png")
 

@@ -19,17 +19,17 @@ import numpy as np
 
 from ggq import calib, ggml
 from ggq.checkpoint import Checkpoint
+from ggq.errors import GGQError
 from ggq.files import sha256_file
 from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
 from ggq.imatrix import save_imatrix
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
+from ggq.solvers.method import METHODS, Method, calibrated_list, method
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
-
-class ConvertError(ValueError):
+class ConvertError(GGQError, ValueError):
     """A conversion that cannot proceed; the message names the option, file or tensor at fault."""
 
 
@@ -53,6 +53,10 @@ class ConvertOptions:
     threads: int = 0  # 0 = all cores
     cal: CalibOptions = field(default_factory=CalibOptions)
     save_imatrix: Path | None = None  # llama.cpp imatrix of the calibration inputs (not with rtn)
+
+    @property
+    def kind(self) -> Method:
+        return method(self.method)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def _solver_stream(
         "seqlen": opts.cal.seqlen,
         "seed": opts.cal.seed,
         "damp": opts.cal.damp,
-        **({"act_order": opts.cal.act_order} if opts.method.endswith("gptq") else {}),
+        **({"act_order": opts.cal.act_order} if opts.kind.uses_gptq else {}),
     }
     sopts = SolverOptions(method=opts.method, damp=opts.cal.damp, act_order=opts.cal.act_order, device=device)
     for i, result in solve_layers(ckpt, windows.tokens, types, sopts, report):
@@ -178,12 +182,11 @@ def convert(
     """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written."""
     if opts.method not in METHODS:
         raise ConvertError(f"--method {opts.method}: unknown; known: {', '.join(METHODS)}")
-    if opts.save_imatrix and opts.method == "rtn":
-        raise ConvertError("--save-imatrix: needs calibration activations (--method gptq, awq or awq+gptq)")
+    _check_save_imatrix(opts.method, opts.save_imatrix)
     ft = recipe.file_type(opts.recipe.file_type)
     plan = make_plan(ckpt, opts)
     act_sums: dict[str, tuple[np.ndarray, int]] = {}
-    solved = _solver_stream(ckpt, plan, opts, layer_report, act_sums) if opts.method != "rtn" else None
+    solved = _solver_stream(ckpt, plan, opts, layer_report, act_sums) if opts.kind.needs_calibration else None
     calib_meta: dict[str, object] = (
         next(solved) if solved is not None else {}
     )  # first: calibration provenance
@@ -246,8 +249,7 @@ def cli_options(
         if cal.calib:
             raise ConvertError("--calib and --calib-dataset: give one of them")
         calib.check_dataset(cal.dataset)
-    if save_imatrix and method == "rtn":
-        raise ConvertError("--save-imatrix: needs calibration activations (--method gptq, awq or awq+gptq)")
+    _check_save_imatrix(method, save_imatrix)
     for _, qtype in tensor_types:
         recipe.tensor_type(qtype)
     for t in (output_tensor_type, token_embedding_type):
@@ -267,28 +269,9 @@ def cli_options(
     )
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from ggq.calib import CalibrationError
-    from ggq.checkpoint import CheckpointError
-    from ggq.ggml import QuantError
-    from ggq.gguf.writer import WriterError
-    from ggq.imatrix import ImatrixError
-    from ggq.solvers.gptq import SolverError
-
-    return (
-        ConvertError,
-        CheckpointError,
-        recipe.RecipeError,
-        QuantError,
-        ImatrixError,
-        WriterError,
-        CalibrationError,
-        SolverError,
-        OSError,
-    )
-
-
-USER_ERRORS = _user_errors()
+def _check_save_imatrix(name: str, save_imatrix: Path | None) -> None:
+    if save_imatrix and name in METHODS and not METHODS[name].needs_calibration:
+        raise ConvertError(f"--save-imatrix: needs calibration activations (--method {calibrated_list()})")
 
 
 def _exponents(ax: float, aw: float) -> str:
@@ -331,7 +314,7 @@ def run_cli(
     ckpt = Checkpoint(resolve(model))
     out = output or Path(default_output_name(ckpt, opts.recipe.file_type))
     plan = make_plan(ckpt, opts)
-    if opts.method != "rtn":
+    if opts.kind.needs_calibration:
         check_targets({t.name: t.type for t in plan}, opts.method)  # before any output
     rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in plan]
     if dry_run:

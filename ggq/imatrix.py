@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ggq.errors import GGQError
 from ggq.gguf import GGUFFormatError, read_gguf
 from ggq.gguf.writer import GGUFWriter, ValueType
 
@@ -23,7 +24,7 @@ KEY_CHUNK_SIZE = "imatrix.chunk_size"
 F32_TYPE = 0  # ggml's GGML_TYPE_F32
 
 
-class ImatrixError(ValueError):
+class ImatrixError(GGQError, ValueError):
     """An imatrix file that cannot be used; names the file and entry."""
 
 

@@ -13,12 +13,13 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+from ggq.errors import GGQError
 from ggq.files import atomic_write
 
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-tokenize", "llama-bench")
 
 
-class NativeError(RuntimeError):
+class NativeError(GGQError, RuntimeError):
     """The native build is missing or incomplete."""
 
 

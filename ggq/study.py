@@ -31,18 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ggq import __version__, ggml, native
+from ggq.errors import GGQError
 from ggq.eval.llama_tools import run
 from ggq.files import atomic_write, cache_key, sha256_file
 from ggq.gguf import recipe as rc
+from ggq.solvers.method import METHODS
 
 if TYPE_CHECKING:
     from ggq.convert import ConvertOptions
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 REFERENCES = ("llama.cpp RTN", "llama.cpp imatrix")
 
 
-class StudyError(ValueError):
+class StudyError(GGQError, ValueError):
     """An option or input the study cannot use; names it."""
 
 
@@ -131,7 +132,7 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
         "ggq": [__version__, code],
         "llama.cpp": llama_cpp,
     }
-    if opts.method != "rtn":  # rtn reads no calibration: its file is the same for every setting
+    if opts.kind.needs_calibration:  # rtn reads no calibration: its file is the same for every setting
         cal = dataclasses.asdict(opts.cal)
         cal["calib"] = calib_sha if opts.cal.dataset is None else None
         cal["device"] = resolve_device(opts.cal.device)
@@ -479,14 +480,3 @@ def write_plots(doc: dict[str, Any], out: Path) -> None:
         with atomic_write(out / fname, ".tmp.png") as tmp:  # matplotlib reads the format from the name
             fig.savefig(tmp, dpi=120)
         plt.close(fig)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from ggq.convert import USER_ERRORS as CONVERT_ERRORS
-    from ggq.eval.perplexity import PerplexityError
-    from ggq.tasks import TaskError
-
-    return (StudyError, PerplexityError, TaskError, *CONVERT_ERRORS)
-
-
-USER_ERRORS = _user_errors()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ggq import native
+from ggq.errors import GGQError
 from ggq.eval.llama_tools import run_for
 from ggq.files import atomic_write, cache_key, sha256_file
 
@@ -45,7 +46,7 @@ ERROR_LINE = re.compile(r"^[0-9.]+ E (.+)$", re.M)  # llama.cpp's log: "0.00.198
 MC_MIN_PARALLEL = 4  # llama-perplexity's sequences for a multiple-choice run: one per answer
 
 
-class TaskError(ValueError):
+class TaskError(GGQError, ValueError):
     """A task folder or file llama.cpp cannot score; names it."""
 
 

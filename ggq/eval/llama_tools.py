@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ggq import native
+from ggq.errors import GGQError
 
 _NUM = r"(-?[0-9.]+)"
 _PM = _NUM + r"\s*±\s*" + _NUM  # value ± uncertainty
@@ -47,7 +48,7 @@ ATTEMPTS = 8
 T = TypeVar("T")
 
 
-class LlamaToolError(RuntimeError):
+class LlamaToolError(GGQError, RuntimeError):
     """llama-perplexity failed or never printed what was asked for."""
 
 

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from ggq import native
+from ggq.errors import GGQError
 from ggq.eval.kld import KldAccumulator, KldStats
 from ggq.gguf import GGUFFormatError, read_gguf
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-class PerplexityError(ValueError):
+class PerplexityError(GGQError, ValueError):
     """Input that cannot give a perplexity; the message names the file, option or chunk at fault."""
 
 

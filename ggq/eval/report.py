@@ -35,7 +35,6 @@ from ggq.files import atomic_write
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 
-USER_ERRORS: tuple[type[Exception], ...] = (PerplexityError,)
 DATASETS = {"wikitext-2": DEFAULT_TEXT}
 _FTYPE_NAMES = {ft.llama_ftype: name for name, ft in rc.FILE_TYPES.items()}
 

@@ -25,13 +25,15 @@ from typing import Literal
 
 import numpy as np
 
+from ggq.errors import GGQError
+
 # (n_blocks, block_size) float32, optional (n_blocks, block_size) float32 weights -> (n_blocks, type_size) uint8
 QuantizeBlocks = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 # (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32
 DequantizeBlocks = Callable[[np.ndarray], np.ndarray]
 
 
-class QuantError(ValueError):
+class QuantError(GGQError, ValueError):
     """A tensor cannot be encoded in the asked type; the message names the type and the shape."""
 
 

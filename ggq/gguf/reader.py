@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ggq import ggml
+from ggq.errors import GGQError
 from ggq.gguf.constants import DTYPE, GGUF_MAGIC, ValueType
 
 GGML_MAX_NAME = 64  # ggml's limit on a tensor name, terminating NUL included
@@ -27,7 +28,7 @@ _KV_MIN_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
 _TENSOR_MIN_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(GGQError, ValueError):
     """The file is not a well-formed GGUF; the message names the file and what is wrong."""
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from ggq import ggml
+from ggq.errors import GGQError
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ FALLBACK = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(GGQError, ValueError):
     """An unknown file type or tensor type, or a bad --tensor-type pattern."""
 
 

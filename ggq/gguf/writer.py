@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ggq.errors import GGQError
 from ggq.files import TEMPORARIES, Pending
 from ggq.gguf.constants import DTYPE, GGUF_MAGIC, STRUCT_FORMAT, ValueType
 
@@ -33,7 +34,7 @@ GGUF_VERSION = 3
 ALIGNMENT = 32
 
 
-class WriterError(RuntimeError):
+class WriterError(GGQError, RuntimeError):
     """Misuse of the writer: a call out of order, or data that does not match its tensor info."""
 
 

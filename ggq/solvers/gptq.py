@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from ggq import ggml
+from ggq.errors import GGQError
 from ggq.solvers.reductions import one_thread
 
 F32 = np.float32
 
 
-class SolverError(ValueError):
+class SolverError(GGQError, ValueError):
     """A tensor or Hessian the solver cannot handle; names what is wrong."""
 
 

@@ -40,15 +40,15 @@ from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq
 from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
+from ggq.solvers.method import CALIBRATED, Method, method
 from ggq.solvers.reductions import gram
 
-METHODS = ("gptq", "awq", "awq+gptq")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class SolverOptions:
-    method: str = "gptq"  # one of METHODS
+    method: str = "gptq"  # one of method.CALIBRATED
     damp: float = 0.01
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
     batch: int = 8  # calibration windows per forward batch (bounds activation memory)
@@ -59,12 +59,8 @@ class SolverOptions:
     device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
 
     @property
-    def scaled(self) -> bool:
-        return self.method.startswith("awq")
-
-    @property
-    def uses_gptq(self) -> bool:
-        return self.method.endswith("gptq")
+    def kind(self) -> Method:
+        return method(self.method)
 
 
 @dataclass
@@ -135,12 +131,13 @@ def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def check_targets(types: dict[str, str], method: str = "gptq") -> None:
+def check_targets(types: dict[str, str], name: str = "gptq") -> None:
     """Every layer linear must be a type the method can target (before any work starts)."""
-    if method not in METHODS:
-        raise SolverError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
-    ok = set(supported_types()) if method.endswith("gptq") else set(ggml.FORMATS)
-    solver = "GPTQ" if method.endswith("gptq") else "AWQ"
+    if name not in CALIBRATED:
+        raise SolverError(f"unknown calibration method {name!r}; known: {', '.join(CALIBRATED)}")
+    uses_gptq = method(name).uses_gptq
+    ok = set(supported_types()) if uses_gptq else set(ggml.FORMATS)
+    solver = "GPTQ" if uses_gptq else "AWQ"
     for name, t in types.items():
         if name.startswith("blk.") and t not in ggml.FLOAT_TYPES and t not in ok:
             raise SolverError(f"{name}: {solver} cannot target {t}; supported: {', '.join(sorted(ok))}")
@@ -180,14 +177,14 @@ class _Layer:
         self.refresh(name)
 
     def stats(self, x: torch.Tensor) -> InputStats:
-        return InputStats.of(x, self.opts.search_tokens, full=self.opts.uses_gptq)
+        return InputStats.of(x, self.opts.search_tokens, full=self.opts.kind.uses_gptq)
 
     def scale(self, prev: str, x: Callable[[], torch.Tensor]) -> bool:
         """AWQ: search the scales of the group fed by ``prev`` on its linears' input ``x()`` and
         fold them in; False (nothing done) for gptq or a group without quantized linears."""
         group = next(g for g in awq.QWEN3_GROUPS if g.prev == prev)
         quantized = [n for n in group.linears if self.types[n] not in ggml.FLOAT_TYPES]
-        if not self.opts.scaled or not quantized:
+        if not self.opts.kind.scales_activations or not quantized:
             return False
         xs = x()
         stats = InputStats.of(xs, self.opts.search_tokens, full=False)
@@ -211,7 +208,7 @@ class _Layer:
             if t in ggml.FLOAT_TYPES:
                 data = ggml.quantize(wn, t)
                 q = ggml.dequantize(data, t, wn.shape[1])
-            elif self.opts.uses_gptq:
+            elif self.opts.kind.uses_gptq:
                 assert stats.h_full is not None
                 res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
                 data, q = res.data, res.weights
@@ -231,7 +228,7 @@ class _Layer:
 
     def refit(self, norm: str, names: tuple[str, ...], stats: InputStats) -> bool:
         """AWQ: the norm feeding the quantized ``names`` refit by least squares (awq.refit_norm)."""
-        if not (self.opts.scaled and self.opts.refit_norms):
+        if not (self.opts.kind.scales_activations and self.opts.refit_norms):
             return False
         pairs = [(self.unquantized[n], self.w[n].numpy()) for n in names]
         u = awq.refit_norm(pairs, stats.h_sample)  # (n_in,) float32
@@ -299,7 +296,7 @@ def solve_layer(
     out = h + x @ d["ffn_down"].T  # the quantized layer's output feeds the next layer
     if not torch.isfinite(out).all():
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
-    if opts.scaled:
+    if opts.kind.scales_activations:
         L.finish_norms()
     return out, LayerResult(L.out, L.act_sums)
 
