@@ -342,28 +342,15 @@ def _range(lo: int, hi: int) -> np.ndarray:
     return np.arange(lo, hi + 1, dtype=F32)
 
 
-register(
-    "Q4_0",
-    quantize_q4_0,
-    dequantize_q4_0,
-    row_stats=True,
-    grid=block32_grid(_range(-8, 7), False, pack_nibbles),
+# name, encoder, decoder, whole-row imatrix statistics, code values, fp16 m after d, code bytes
+_FORMATS = (
+    ("Q4_0", quantize_q4_0, dequantize_q4_0, True, _range(-8, 7), False, pack_nibbles),
+    ("Q4_1", quantize_q4_1, dequantize_q4_1, True, _range(0, 15), True, pack_nibbles),
+    ("Q5_0", quantize_q5_0, dequantize_q5_0, True, _range(-16, 15), False, _five_bits),
+    ("Q5_1", quantize_q5_1, dequantize_q5_1, True, _range(0, 31), True, _five_bits),
+    ("Q8_0", quantize_q8_0, dequantize_q8_0, False, _range(-128, 127), False, _int8),
 )
-register(
-    "Q4_1",
-    quantize_q4_1,
-    dequantize_q4_1,
-    row_stats=True,
-    grid=block32_grid(_range(0, 15), True, pack_nibbles),
-)
-register(
-    "Q5_0",
-    quantize_q5_0,
-    dequantize_q5_0,
-    row_stats=True,
-    grid=block32_grid(_range(-16, 15), False, _five_bits),
-)
-register(
-    "Q5_1", quantize_q5_1, dequantize_q5_1, row_stats=True, grid=block32_grid(_range(0, 31), True, _five_bits)
-)
-register("Q8_0", quantize_q8_0, dequantize_q8_0, grid=block32_grid(_range(-128, 127), False, _int8))
+for _name, _quantize, _dequantize, _row_stats, _unit, _has_min, _code_bytes in _FORMATS:
+    register(
+        _name, _quantize, _dequantize, row_stats=_row_stats, grid=block32_grid(_unit, _has_min, _code_bytes)
+    )
