@@ -63,8 +63,14 @@ def test_table_is_gguf_pys() -> None:
 
 def test_registered_formats_take_the_tables_facts() -> None:
     for name, fmt in ggml.FORMATS.items():
-        assert fmt.type is ggml.GGML_TYPES[name]
-        assert (fmt.name, fmt.is_float) == (name, fmt.type.is_float)
+        t = ggml.GGML_TYPES[name]
+        assert (fmt.name, fmt.type_id, fmt.block_size, fmt.type_size, fmt.is_float) == (
+            t.name,
+            t.type_id,
+            t.block_size,
+            t.type_size,
+            t.is_float,
+        )
 
 
 def test_native_table_agrees() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from functools import lru_cache
 from types import ModuleType
 from typing import Literal
@@ -141,40 +141,16 @@ class CodeGrid:
 
 
 @dataclass(frozen=True)
-class BlockFormat:
-    """A ggml type ggq encodes and decodes; its sizes and id are the type table's."""
+class BlockFormat(GGMLType):
+    """A ggml type ggq encodes and decodes: the type table's entry, with its coders."""
 
-    type: GGMLType
+    _: KW_ONLY
     quantize_blocks: QuantizeBlocks
     dequantize_blocks: DequantizeBlocks
     # True when importance weighting uses statistics of the whole row (Q4_0..Q5_1 do, via the
     # row's mean square): quantize_blocks then also gets ``n_per_row=`` to find row boundaries.
     row_stats: bool = False
     grid: CodeGrid | None = None  # None: no solver chooses this type's codes (floats, IQ4_XS)
-
-    @property
-    def name(self) -> str:
-        return self.type.name
-
-    @property
-    def type_id(self) -> int:
-        return self.type.type_id
-
-    @property
-    def block_size(self) -> int:
-        return self.type.block_size
-
-    @property
-    def type_size(self) -> int:
-        return self.type.type_size
-
-    @property
-    def is_float(self) -> bool:
-        return self.type.is_float
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.type.bits_per_weight
 
 
 FORMATS: dict[str, BlockFormat] = {}
@@ -191,7 +167,18 @@ def register(
     """Register the encoder and decoder of the ggml type ``name`` (its sizes from GGML_TYPES)."""
     if name in FORMATS:
         raise ValueError(f"ggml type {name} registered twice")
-    fmt = BlockFormat(ggml_type(name), quantize_blocks, dequantize_blocks, row_stats, grid)
+    t = ggml_type(name)
+    fmt = BlockFormat(
+        t.name,
+        t.type_id,
+        t.block_size,
+        t.type_size,
+        t.is_float,
+        quantize_blocks=quantize_blocks,
+        dequantize_blocks=dequantize_blocks,
+        row_stats=row_stats,
+        grid=grid,
+    )
     FORMATS[name] = fmt
     return fmt
 
