@@ -49,6 +49,14 @@ def q4_0_files(
     return files
 
 
+@pytest.fixture(scope="module")
+def imatrix_q4_0(q4_0_files: dict[str, Path], heldout: Path) -> tuple[Path, dict[str, float]]:
+    """The F32 log-probs over the held-out chunks, and llama.cpp's imatrix Q4_0 judged on them."""
+    base = q4_0_files["F32"].with_suffix(".kld")
+    llama_tools.kld_base(q4_0_files["F32"], heldout, base, chunks=CHUNKS)
+    return base, llama_tools.kld_stats(q4_0_files["imatrix"], base, chunks=CHUNKS)
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_calibrated_q4_0_beats_llama_cpp_imatrix_q4_0(
     q4_0_files: dict[str, Path], imatrix_q4_0: tuple[Path, dict[str, float]], method: str
