@@ -378,7 +378,9 @@ class Study:
                     "delta_ppl": r.get("delta_ppl", 0.0),
                     "kld": kld.get("kld"),
                     "kld_err": kld.get("kld_err"),
+                    "kld_p999": kld.get("kld_p999"),
                     "same_top": kld.get("same_top"),
+                    "same_top_err": kld.get("same_top_err"),
                     "n_scored": r["n_scored"],
                 }
             rows.append(row)
@@ -410,12 +412,20 @@ def _fmt(x: float | None, spec: str) -> str:
     )
 
 
+def _pm(x: float | None, err: float | None, spec: str) -> str:
+    """``x ± err`` in one format (``x`` alone when the uncertainty is unknown, nothing for no value)."""
+    value = _fmt(x, spec)
+    return f"{value} ± {_fmt(err, spec)}" if value and err is not None else value
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
-    """The table in the paper's layout: method, #W, type, bpw, size, then per text PPL, ΔPPL, KLD, same top p."""
+    """The table in the paper's layout: method, #W, type, bpw, size, then per text PPL ±, ΔPPL, mean
+    KLD ±, the 99.9 % KLD (the tail a chat user feels) and same top p ±."""
     texts = doc["texts"]
     head = ["Method", "#W", "type", "bpw", "MiB"]
+    per_text = ("PPL", "ΔPPL", "KLD", "99.9% KLD", "same top p")
     for t in texts:
-        head += [f"PPL {t}", f"ΔPPL {t}", f"KLD {t}", f"same top p {t}"]
+        head += [f"{c} {t}" for c in per_text]
     if any(r["tasks"] for r in doc["rows"]):
         head += sorted({k for r in doc["rows"] for k in r["tasks"]})
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -430,12 +440,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
         for t in texts:
             x = r["texts"][t]
             cells += [
-                f"{x['ppl']:.3f}",
+                f"{x['ppl']:.3f} ± {x['ppl_err']:.3f}",
                 "" if r["method"] == "base" else f"{x['delta_ppl']:+.3f}",
-                _fmt(x["kld"], "kld"),
-                "" if x["same_top"] is None else f"{100 * x['same_top']:.2f}%",
-            ]
-        for k in head[5 + 4 * len(texts) :]:
+                _pm(x["kld"], x.get("kld_err"), "kld"),
+                _fmt(x.get("kld_p999"), ".4f"),
+                _pm(None if x["same_top"] is None else 100 * x["same_top"],
+                    None if x.get("same_top_err") is None else 100 * x["same_top_err"], ".2f")
+                + ("" if x["same_top"] is None else "%"),
+            ]  # fmt: skip
+        for k in head[5 + len(per_text) * len(texts) :]:
             cells.append(_fmt(r["tasks"].get(k), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     cal = doc["calibration"]
