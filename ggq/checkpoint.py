@@ -1,7 +1,9 @@
 """Hugging Face checkpoints, read lazily: one tensor at a time, never the whole model in RAM.
 
 Architecture knowledge is data: ``ARCHITECTURES`` maps a ``config.json`` architecture to the
-GGUF architecture name and the table of tensor names.
+GGUF architecture name and the table of tensor names. A mixture-of-experts checkpoint
+(Qwen3-MoE) ships one 2-D tensor per expert; they appear here as llama.cpp's merged 3-D
+``ffn_{gate,up,down}_exps`` tensors, read one expert at a time straight from the files.
 """
 
 from __future__ import annotations
@@ -76,6 +78,34 @@ QWEN3_SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# Qwen3-MoE: attention as Qwen3; the MLP is a router and num_experts SwiGLU experts
+_DENSE_MLP = ("ffn_gate", "ffn_up", "ffn_down")
+QWEN3MOE_TENSORS: tuple[tuple[str, str], ...] = (
+    *(t for t in QWEN3_TENSORS if not any(f".{p}." in t[1] for p in _DENSE_MLP)),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "blk.{bid}.ffn_gate_inp.weight"),
+)
+# per-expert HF tensor (groups: layer, expert) -> the merged GGUF tensor it is a slice of
+QWEN3MOE_EXPERTS: tuple[tuple[str, str], ...] = (
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", "blk.{bid}.ffn_gate_exps.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight", "blk.{bid}.ffn_up_exps.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight", "blk.{bid}.ffn_down_exps.weight"),
+)
+QWEN3MOE_LAYER_ORDER = (
+    *(p for p in QWEN3_LAYER_ORDER if p not in _DENSE_MLP),
+    "ffn_gate_inp",
+    "ffn_gate_exps",
+    "ffn_up_exps",
+    "ffn_down_exps",
+)
+QWEN3MOE_SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *(s for s in QWEN3_SHAPES if s[0] not in _DENSE_MLP),
+    ("ffn_gate_inp", ("num_experts", "hidden_size")),
+    ("ffn_gate_exps", ("num_experts", "moe_intermediate_size", "hidden_size")),
+    ("ffn_up_exps", ("num_experts", "moe_intermediate_size", "hidden_size")),
+    ("ffn_down_exps", ("num_experts", "hidden_size", "moe_intermediate_size")),
+)
+
+
 @dataclass(frozen=True)
 class Architecture:
     hf_name: str
@@ -83,11 +113,24 @@ class Architecture:
     tensors: tuple[tuple[str, str], ...]
     layer_order: tuple[str, ...]
     shapes: tuple[tuple[str, tuple[str, ...]], ...]
+    experts: tuple[tuple[str, str], ...] = ()  # per-expert tensors, merged into 3-D ones
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3ForCausalLM": Architecture(
         "Qwen3ForCausalLM", "qwen3", QWEN3_TENSORS, QWEN3_LAYER_ORDER, QWEN3_SHAPES
+    ),
+    "Qwen3MoeForCausalLM": Architecture(
+        "Qwen3MoeForCausalLM",
+        "qwen3moe",
+        QWEN3MOE_TENSORS,
+        QWEN3MOE_LAYER_ORDER,
+        QWEN3MOE_SHAPES,
+        QWEN3MOE_EXPERTS,
     ),
 }
 
@@ -122,9 +165,12 @@ class HParams:
     rope_theta: float
     tie_word_embeddings: bool
     rope_scaling: dict[str, Any] | None
+    n_expert: int = 0  # 0: a dense model
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # moe_intermediate_size
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], where: Path) -> HParams:
+    def from_config(cls, cfg: dict[str, Any], where: Path, moe: bool = False) -> HParams:
         """Every number checked: a zero, negative, fractional or missing size is named here, not
         found later as a crash (a division by zero heads) or a file llama.cpp refuses."""
         n_head = _positive_int(cfg, "num_attention_heads", where)
@@ -158,11 +204,14 @@ class HParams:
             rope_theta=_positive_float(theta_cfg, "rope_theta", where),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=scaling,
+            **(_moe_config(cfg, where) if moe else {}),
         )
 
     def dims(self) -> dict[str, int]:
         """Tensor dimensions by the config.json terms they come from (QWEN3_SHAPES)."""
         return {
+            "num_experts": self.n_expert,
+            "moe_intermediate_size": self.n_ff_exp,
             "vocab_size": self.n_vocab,
             "hidden_size": self.n_embd,
             "intermediate_size": self.n_ff,
@@ -170,6 +219,44 @@ class HParams:
             "num_attention_heads*head_dim": self.n_head * self.head_dim,
             "num_key_value_heads*head_dim": self.n_head_kv * self.head_dim,
         }
+
+
+def _moe_config(cfg: dict[str, Any], where: Path) -> dict[str, int]:
+    """The expert counts of a Qwen3-MoE config.json, and the layouts llama.cpp's ``qwen3moe``
+    cannot run: it has experts in every layer and always renormalises the top-k routing weights,
+    so a file of any other model would load and compute something else."""
+    keys = [k for k in ("num_local_experts", "num_experts") if cfg.get(k) is not None]
+    n_expert = _positive_int(cfg, keys[0] if keys else "num_experts", where)
+    if len({cfg[k] for k in keys}) > 1:  # transformers 5 writes num_local_experts
+        raise CheckpointError(
+            f"{where}: num_local_experts {cfg['num_local_experts']} and num_experts {cfg['num_experts']} disagree"
+        )
+    n_used = _positive_int(cfg, "num_experts_per_tok", where)
+    if n_used > n_expert:
+        raise CheckpointError(f"{where}: num_experts_per_tok {n_used} is more than num_experts {n_expert}")
+    dense = cfg.get("mlp_only_layers") or []
+    if dense:
+        raise CheckpointError(
+            f"{where}: mlp_only_layers {dense}: dense layers between the MoE ones are not supported "
+            "(llama.cpp's qwen3moe has experts in every layer)"
+        )
+    step = cfg.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise CheckpointError(
+            f"{where}: decoder_sparse_step {step!r}: only 1 is supported "
+            "(llama.cpp's qwen3moe has experts in every layer)"
+        )
+    if cfg.get("norm_topk_prob") is not True:
+        raise CheckpointError(
+            f"{where}: norm_topk_prob is {cfg.get('norm_topk_prob')!r}; llama.cpp's qwen3moe always "
+            "renormalises the top-k routing weights (as norm_topk_prob true), so the file would compute "
+            "another model"
+        )
+    return {
+        "n_expert": n_expert,
+        "n_expert_used": n_used,
+        "n_ff_exp": _positive_int(cfg, "moe_intermediate_size", where),
+    }
 
 
 def _positive_int(cfg: dict[str, Any], key: str, where: Path, default: int | None = None) -> int:
@@ -280,7 +367,9 @@ class Checkpoint:
                 f"supported: {', '.join(ARCHITECTURES)}"
             )
         self.arch = ARCHITECTURES[found]
-        self.hparams = HParams.from_config(self.config, self.path / "config.json")
+        self.hparams = HParams.from_config(self.config, self.path / "config.json", self.arch.is_moe)
+        # merged GGUF name -> its experts' HF tensors, expert 0 first (MoE only)
+        self.experts: dict[str, list[TensorEntry]] = {}
         self.entries = self._index()
         self._validate()
         self._check_tokenizer()
@@ -302,23 +391,73 @@ class Checkpoint:
                 return template.format(bid=m.group(1)) if m.groups() else template
         return None
 
+    def _expert_of(self, hf_name: str) -> tuple[str, int] | None:
+        """(merged GGUF name, expert id) of a per-expert tensor, else None."""
+        for pattern, template in self.arch.experts:
+            m = re.fullmatch(pattern, hf_name)
+            if m:
+                return template.format(bid=m.group(1)), int(m.group(2))
+        return None
+
     def _index(self) -> dict[str, TensorEntry]:
         entries: dict[str, TensorEntry] = {}
+        experts: dict[str, dict[int, TensorEntry]] = {}
         for file in self._files():
             if not file.is_file():
                 raise CheckpointError(f"{file}: listed in the index but missing")
             header, data_start = _safetensors_header(file)
             file_size = file.stat().st_size
             for hf_name, info in header.items():
-                gguf_name = self._map_name(hf_name)
+                expert = self._expert_of(hf_name)
+                gguf_name = expert[0] if expert else self._map_name(hf_name)
                 if gguf_name is None:
                     if hf_name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise CheckpointError(f"{file}: unexpected tensor {hf_name} for {self.arch.hf_name}")
+                entry = _entry(file, hf_name, gguf_name, info, data_start, file_size)
+                if expert:
+                    experts.setdefault(gguf_name, {})[expert[1]] = entry  # names are unique per file
+                    continue
                 if gguf_name in entries:
                     raise CheckpointError(f"{file}: tensor {hf_name} is also in {entries[gguf_name].file}")
-                entries[gguf_name] = _entry(file, hf_name, gguf_name, info, data_start, file_size)
+                entries[gguf_name] = entry
+        for name, parts in experts.items():
+            entries[name] = self._merge_experts(name, parts)
         return entries
+
+    def _merge_experts(self, name: str, parts: dict[int, TensorEntry]) -> TensorEntry:
+        """One layer's experts of one projection as llama.cpp's 3-D tensor: every expert present,
+        each with the shape config.json implies (checked here, where the expert can be named)."""
+        hp, where = self.hparams, self.path / "config.json"
+        beyond = [e for e in sorted(parts) if e >= hp.n_expert]
+        if beyond:
+            e = parts[beyond[0]]
+            raise CheckpointError(
+                f"{e.file}: tensor {e.hf_name} is expert {beyond[0]}, but {where} has num_experts {hp.n_expert}"
+            )
+        shape, terms = self.expected_shape(name)
+        expected_2d, terms = shape[1:], terms[1:]  # one expert: (rows, row length)
+        for e in parts.values():
+            if e.shape != expected_2d:
+                raise CheckpointError(
+                    f"{e.file}: tensor {e.hf_name} has shape {_shape_str(e.shape)}, but {where} "
+                    f"expects {_shape_str(expected_2d)} = ({', '.join(terms)})"
+                )
+        missing = [e for e in range(hp.n_expert) if e not in parts]
+        if missing:
+            some = parts[min(parts)].hf_name.replace(f".experts.{min(parts)}.", f".experts.{missing[0]}.")
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.path}: missing tensor {some}{more} (num_experts {hp.n_expert})")
+        first = parts[0]
+        self.experts[name] = [parts[e] for e in range(hp.n_expert)]
+        return TensorEntry(
+            first.hf_name.replace(".experts.0.", f".experts.{{0..{hp.n_expert - 1}}}."),
+            name,
+            first.file,
+            (hp.n_expert, *first.shape),
+            first.dtype,
+            -1,  # no single offset: read through self.experts
+        )
 
     def _names(self) -> list[str]:
         names = ["token_embd.weight"]
@@ -335,6 +474,9 @@ class Checkpoint:
         for pattern, template in self.arch.tensors:
             if template.format(bid=bid) == gguf_name:
                 return pattern.replace(r"(\d+)", str(bid)).replace("\\.", ".")
+        for pattern, template in self.arch.experts:  # a merged tensor: its expert 0
+            if template.format(bid=bid) == gguf_name:
+                return pattern.replace(r"(\d+)", str(bid), 1).replace(r"(\d+)", "0").replace("\\.", ".")
         return gguf_name
 
     def expected_shape(self, gguf_name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -406,25 +548,39 @@ class Checkpoint:
 
     def load(self, gguf_name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of one tensor as float32, in HF (torch) layout, read straight from
-        the file: only those rows are ever in memory (bf16 widened exactly, no torch needed)."""
-        entry = self.entries[gguf_name]
-        rows = entry.n_rows
-        stop = rows if stop is None else min(stop, rows)
-        row_len = int(np.prod(entry.shape)) // rows
-        size = _ITEMSIZE[entry.dtype]
-        dtype = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[entry.dtype]
-        offset = entry.offset + start * row_len * size
-        raw = np.fromfile(entry.file, dtype=dtype, count=(stop - start) * row_len, offset=offset)
-        values = (
-            (raw.astype(np.uint32) << 16).view(np.float32)
-            if entry.dtype == "BF16"
-            else raw.astype(np.float32)
-        )
-        shape = (stop - start, *entry.shape[1:]) if len(entry.shape) > 1 else entry.shape
-        return values.reshape(shape)
+        the file: only those rows are ever in memory (bf16 widened exactly, no torch needed).
+        A merged expert tensor's rows are its experts: ``(stop - start, rows, row length)``."""
+        if gguf_name in self.experts:
+            parts = self.experts[gguf_name][start:stop]
+            return np.stack([_read(e, 0, None) for e in parts])
+        return _read(self.entries[gguf_name], start, stop)
+
+    def param_counts(self) -> tuple[int, int, int, int]:
+        """(total, shared, per-expert, expert count) parameters, as gguf-py counts them for
+        its size label (``8x0.5M``-style for MoE)."""
+        total = self.n_params()
+        per_expert = sum(math.prod(self.entries[n].shape[1:]) for n in self.experts)
+        shared = total - per_expert * self.hparams.n_expert
+        return total, shared, per_expert, self.hparams.n_expert
 
     def n_params(self) -> int:
         return sum(int(np.prod(e.shape)) for e in self.entries.values())
+
+
+def _read(entry: TensorEntry, start: int, stop: int | None) -> np.ndarray:
+    """Rows ``start:stop`` of one safetensors tensor as float32 (bf16 widened exactly)."""
+    rows = entry.n_rows
+    stop = rows if stop is None else min(stop, rows)
+    row_len = int(np.prod(entry.shape)) // rows
+    size = _ITEMSIZE[entry.dtype]
+    dtype = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}[entry.dtype]
+    offset = entry.offset + start * row_len * size
+    raw = np.fromfile(entry.file, dtype=dtype, count=(stop - start) * row_len, offset=offset)
+    values = (
+        (raw.astype(np.uint32) << 16).view(np.float32) if entry.dtype == "BF16" else raw.astype(np.float32)
+    )
+    shape = (stop - start, *entry.shape[1:]) if len(entry.shape) > 1 else entry.shape
+    return values.reshape(shape)
 
 
 def resolve(model: str) -> Path:

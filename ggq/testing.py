@@ -1,6 +1,7 @@
 """Tiny Qwen3 checkpoints in Hugging Face format, for tests, tools and the demo.
 
-Weights are random but seeded; the tokenizer is the real Qwen2/Qwen3 byte-level BPE, built from
+Weights are random but seeded (dense Qwen3, or Qwen3-MoE with one tensor per expert as the hub
+ships them: ``Qwen3MoeSpec``); the tokenizer is the real Qwen2/Qwen3 byte-level BPE, built from
 llama.cpp's ``ggml-vocab-qwen2.gguf`` (151,643 BPE tokens, 151,387 merges, in rank order). A
 fixture with a smaller vocabulary keeps the first ranks and the merges among them, as
 qwen3-micro does, and places the Qwen special tokens right after them.
@@ -88,6 +89,23 @@ class Qwen3Spec:
     shards: int = 1
 
 
+@dataclass(frozen=True)
+class Qwen3MoeSpec(Qwen3Spec):
+    """A Qwen3-MoE fixture: every layer a router and ``num_experts`` SwiGLU experts (hub layout:
+    ``mlp.experts.{e}.{gate,up,down}_proj.weight`` and ``mlp.gate.weight``). The defaults fit
+    256-blocks (k-quants apply to every expert tensor) and 8 experts (llama-quantize's rules for
+    8-expert models); ``intermediate_size`` is only the config key llama.cpp writes."""
+
+    hidden_size: int = 256
+    head_dim: int = 64
+    intermediate_size: int = 768
+    moe_intermediate_size: int = 512  # not hidden_size: a transposed expert shows in its shape
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    router_std: float = 0.5  # routing logits far apart: a top-k choice is no coin toss between back ends
+
+
 VARIANTS: dict[str, Qwen3Spec] = {
     "tied": Qwen3Spec(),
     "untied": Qwen3Spec(tie_word_embeddings=False, seed=1),
@@ -97,6 +115,15 @@ VARIANTS: dict[str, Qwen3Spec] = {
     "full-vocab": Qwen3Spec(
         vocab_size=QWEN3_VOCAB_ROWS, hidden_size=32, head_dim=8, intermediate_size=64, seed=4
     ),
+}
+# Qwen3MoeForCausalLM fixtures, apart: VARIANTS are the dense ones
+MOE_VARIANTS: dict[str, Qwen3MoeSpec] = {
+    # Qwen3-MoE, untied like Qwen3-30B-A3B, two shards (experts of one layer in both)
+    "moe": Qwen3MoeSpec(tie_word_embeddings=False, shards=2, seed=5),
+    # 4 experts (llama-quantize's 8-expert rules off), tied, 8 layers (its layer-position rules)
+    "moe-4": Qwen3MoeSpec(num_hidden_layers=8, num_experts=4, num_experts_per_tok=3, seed=6),
+    # the real vocabulary, so that llama.cpp's convert_hf_to_gguf.py recognises the tokenizer
+    "moe-full-vocab": Qwen3MoeSpec(vocab_size=QWEN3_VOCAB_ROWS, tie_word_embeddings=False, shards=2, seed=7),
 }
 
 
@@ -202,6 +229,20 @@ def bpe_count_for(vocab_size: int) -> int:
 def config_json(spec: Qwen3Spec) -> dict[str, Any]:
     """config.json in the layout of the official Qwen3 releases (top-level rope_theta)."""
     n_bpe = bpe_count_for(spec.vocab_size)
+    moe: dict[str, Any] = {}
+    if isinstance(spec, Qwen3MoeSpec):  # the keys of Qwen3-30B-A3B's config.json
+        moe = {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": spec.moe_intermediate_size,
+            "norm_topk_prob": spec.norm_topk_prob,
+            "num_experts": spec.num_experts,
+            "num_experts_per_tok": spec.num_experts_per_tok,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+        }
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -228,7 +269,7 @@ def config_json(spec: Qwen3Spec) -> dict[str, Any]:
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": spec.vocab_size,
-    }
+    } | moe
 
 
 def random_weights(spec: Qwen3Spec) -> dict[str, Any]:
@@ -256,12 +297,27 @@ def random_weights(spec: Qwen3Spec) -> dict[str, Any]:
         w[p + "self_attn.q_norm.weight"] = norm(hd)
         w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "post_attention_layernorm.weight"] = norm(h)
+        if isinstance(spec, Qwen3MoeSpec):
+            w.update(_expert_weights(spec, p, normal))
+            continue
         w[p + "mlp.gate_proj.weight"] = normal(ff, h)
         w[p + "mlp.up_proj.weight"] = normal(ff, h)
         w[p + "mlp.down_proj.weight"] = normal(h, ff)
     w["model.norm.weight"] = norm(h)
     if not spec.tie_word_embeddings:
         w["lm_head.weight"] = normal(spec.vocab_size, h)
+    return w
+
+
+def _expert_weights(spec: Qwen3MoeSpec, prefix: str, normal: Any) -> dict[str, Any]:
+    """One layer's router (num_experts, hidden) and experts, each (ff, hidden) / (hidden, ff)."""
+    h, ff = spec.hidden_size, spec.moe_intermediate_size
+    w = {prefix + "mlp.gate.weight": normal(spec.num_experts, h, std=spec.router_std / h**0.5)}
+    for e in range(spec.num_experts):
+        q = f"{prefix}mlp.experts.{e}."
+        w[q + "gate_proj.weight"] = normal(ff, h)
+        w[q + "up_proj.weight"] = normal(ff, h)
+        w[q + "down_proj.weight"] = normal(h, ff)
     return w
 
 
@@ -287,9 +343,10 @@ def _write_weights(path: Path, weights: dict[str, Any], shards: int) -> None:
 def build_checkpoint(path: Path, spec: Qwen3Spec | str = "tied", vocab_gguf: Path | None = None) -> Path:
     """Write a complete Hugging Face Qwen3 checkpoint directory at ``path`` and return it."""
     if isinstance(spec, str):
-        if spec not in VARIANTS:
-            raise ValueError(f"unknown fixture variant {spec!r}; known: {', '.join(VARIANTS)}")
-        spec = VARIANTS[spec]
+        known: dict[str, Qwen3Spec] = {**VARIANTS, **MOE_VARIANTS}
+        if spec not in known:
+            raise ValueError(f"unknown fixture variant {spec!r}; known: {', '.join(known)}")
+        spec = known[spec]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n_bpe = bpe_count_for(spec.vocab_size)

