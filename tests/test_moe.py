@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ggq import testing
+from ggq import native, testing
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import ConvertOptions, convert
@@ -173,3 +173,40 @@ def test_bad_moe_config_is_named(checkpoint, tmp_path: Path, config: dict[str, o
     d = edited_copy(checkpoint("moe"), tmp_path / "ck", config=config)
     line = convert_fails(d, tmp_path)
     assert "config.json" in line and says in line, line
+
+
+# --- llama.cpp runs the file: transformers' logits, llama-perplexity's numbers ------------------
+
+
+@pytest.fixture(scope="module")
+def moe_f32(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("moe-f32")
+    return {v: to_gguf(checkpoint(v), out / f"{v}-F32.gguf") for v in ("moe", "moe-4")}
+
+
+@pytest.mark.parametrize("variant", ["moe", "moe-4"])
+def test_f32_logits_equal_transformers_qwen3_moe(checkpoint, moe_f32, variant: str) -> None:
+    """transformers' Qwen3MoeForCausalLM (5.x: experts fused into 3-D parameters in memory; the
+    whole model's forward, no per-Linear hooks) and llama.cpp on ggq's file, token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_convert import llama_logits
+
+    ckpt_dir = checkpoint(variant)
+    ids = list(AutoTokenizer.from_pretrained(ckpt_dir)(TEXT).input_ids)
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = llama_logits(native.import_llama_cpp(), moe_f32[variant], ids)
+    assert np.abs(ours - ref).max() < 1e-3 * float(ref.max() - ref.min())
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_ggq_ppl_equals_llama_perplexity_on_moe(moe_f32, prose: Path) -> None:
+    from tests.test_ppl import assert_same_estimate, ggq_ppl, llama_perplexity
+
+    gguf = moe_f32["moe"]
+    ours = ggq_ppl(gguf, prose, 128, 4)
+    assert ours["n_chunks"] == 4
+    assert_same_estimate(ours, llama_perplexity(gguf, prose, 128, 4))
