@@ -82,10 +82,25 @@ def tensor_specs(ckpt: Checkpoint) -> list[recipe.TensorSpec]:
 
 def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
     hp = ckpt.hparams
-    shape = recipe.ModelShape(n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv)
+    _check_moe(ckpt, opts)  # every path (convert, --dry-run) plans first: refused before any work
+    shape = recipe.ModelShape(hp.n_layer, hp.n_head, hp.n_head_kv, n_expert=hp.n_expert)
     specs = tensor_specs(ckpt)
     types = recipe.plan(specs, shape, opts.recipe)
     return [PlannedTensor(s.name, s.shape, types[s.name], ggml.nbytes(types[s.name], s.shape)) for s in specs]
+
+
+def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
+    """MoE is RTN only so far: the solvers do not route calibration tokens to experts yet, and an
+    importance matrix of a MoE model has one slice per expert."""
+    if not ckpt.arch.is_moe:
+        return
+    if opts.method in METHODS and opts.kind.needs_calibration:
+        raise ConvertError(
+            f"--method {opts.method}: not yet for {ckpt.arch.hf_name} (calibration per expert is to come); "
+            "use --method rtn"
+        )
+    if opts.imatrix is not None:
+        raise ConvertError(f"--imatrix: not yet for {ckpt.arch.hf_name} (per-expert importance is to come)")
 
 
 def bits_per_weight(tensors: list[PlannedTensor]) -> float:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from ggq import native, testing
 from ggq.checkpoint import Checkpoint
 from ggq.cli import main
-from ggq.convert import ConvertOptions, convert
+from ggq.convert import ConvertOptions, convert, make_plan
 from ggq.gguf import read_gguf
 from ggq.gguf import recipe as rc
 
@@ -210,3 +210,70 @@ def test_ggq_ppl_equals_llama_perplexity_on_moe(moe_f32, prose: Path) -> None:
     ours = ggq_ppl(gguf, prose, 128, 4)
     assert ours["n_chunks"] == 4
     assert_same_estimate(ours, llama_perplexity(gguf, prose, 128, 4))
+
+
+# --- RTN: the types and bytes of llama-quantize, with its MoE rules -----------------------------
+
+MOE_RECIPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_NL", "IQ4_XS"]
+
+
+@pytest.mark.parametrize("file_type", MOE_RECIPES)
+@pytest.mark.parametrize("variant", ["moe", "moe-4"])
+def test_rtn_file_equals_llama_quantize(
+    checkpoint, moe_f32, tmp_path: Path, variant: str, file_type: str
+) -> None:
+    """llama-quantize on ggq's F32 file (equal to convert_hf_to_gguf.py's, above) and ggq from the
+    checkpoint: the same type and bytes for every tensor. Its MoE rules: with 8 experts attn_v and
+    attn_k in Q8_0 and attn_output bumped to Q5_K; ffn_down_exps' layer read from the name."""
+    ref_path = tmp_path / "ref.gguf"
+    cmd = [str(native.tool_path("llama-quantize")), str(moe_f32[variant]), str(ref_path), file_type, "2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    ours_path = to_gguf(checkpoint(variant), tmp_path / "ours.gguf", file_type)
+    ref, ours = read_gguf(ref_path), read_gguf(ours_path)
+    assert set(ours.tensors) == set(ref.tensors)
+    types = {n: (ours.tensors[n].type_id, t.type_id) for n, t in ref.tensors.items()}
+    assert {n: a for n, (a, b) in types.items() if a != b} == {}
+    differing = [n for n in ref.tensors if not np.array_equal(ours.tensor_data(n), ref.tensor_data(n))]
+    assert differing == []
+    assert ours.metadata["general.file_type"] == ref.metadata["general.file_type"]
+
+
+def test_plan_of_an_8_expert_model_follows_llama_quantize_moe_rules(checkpoint) -> None:
+    """The rules by name, beside the byte test: a wrong rule and a wrong reference would have to agree."""
+    plan = {
+        t.name: t.type
+        for t in make_plan(Checkpoint(checkpoint("moe")), ConvertOptions(rc.RecipeOptions("Q4_K_M")))
+    }
+    assert plan["blk.0.attn_v.weight"] == plan["blk.1.attn_k.weight"] == "Q8_0"
+    assert plan["blk.0.attn_output.weight"] == "Q5_K"
+    assert plan["blk.0.ffn_gate_inp.weight"] == "F32"
+    # use_more_bits(i, 2) is true for layer 1 only
+    assert (plan["blk.0.ffn_down_exps.weight"], plan["blk.1.ffn_down_exps.weight"]) == ("Q4_K", "Q6_K")
+    assert plan["blk.0.ffn_gate_exps.weight"] == plan["blk.0.ffn_up_exps.weight"] == "Q4_K"
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_say_not_yet(checkpoint, tmp_path: Path, method: str) -> None:
+    line = convert_fails(checkpoint("moe"), tmp_path, "--method", method)
+    assert f"--method {method}: not yet for Qwen3MoeForCausalLM" in line
+    line = convert_fails(checkpoint("moe"), tmp_path, "--method", method, "--dry-run")
+    assert "not yet" in line
+
+
+def test_imatrix_says_not_yet(checkpoint, tmp_path: Path) -> None:
+    imatrix = tmp_path / "any.gguf"
+    imatrix.write_bytes(b"")
+    line = convert_fails(checkpoint("moe"), tmp_path, "--imatrix", str(imatrix))
+    assert "--imatrix: not yet for Qwen3MoeForCausalLM" in line
+
+
+def test_dry_run_prints_the_moe_plan(checkpoint) -> None:
+    args = ["convert", str(checkpoint("moe")), "--type", "Q4_K_M", "--dry-run"]
+    result = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "blk.1.ffn_down_exps.weight" in result.output and "512 x 256 x 8" in result.output
+    assert "total (27 tensors)" in result.output
+    rows = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)["tensors"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["blk.0.ffn_gate_exps.weight"]["shape"] == [256, 512, 8]
+    assert by_name["blk.0.ffn_gate_inp.weight"]["type"] == "F32"
