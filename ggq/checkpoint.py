@@ -555,6 +555,12 @@ class Checkpoint:
             return np.stack([_read(e, 0, None) for e in parts])
         return _read(self.entries[gguf_name], start, stop)
 
+    def source_name(self, gguf_name: str, row: int = 0) -> str:
+        """The HF tensor that row ``row`` of a GGUF tensor comes from (of a merged one: expert ``row``)."""
+        if gguf_name in self.experts:
+            return self.experts[gguf_name][row].hf_name
+        return self.entries[gguf_name].hf_name
+
     def param_counts(self) -> tuple[int, int, int, int]:
         """(total, shared, per-expert, expert count) parameters, as gguf-py counts them for
         its size label (``8x0.5M``-style for MoE)."""

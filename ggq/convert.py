@@ -128,7 +128,8 @@ def _encode_rows(
     values = ckpt.load(t.name, start, stop)
     if not np.isfinite(values).all():
         bad = int(np.count_nonzero(~np.isfinite(values)))
-        raise ConvertError(f"{ckpt.entries[t.name].hf_name}: {bad} NaN/Inf values in the checkpoint")
+        row = start + int(np.argwhere(~np.isfinite(values))[0][0])  # a merged tensor's row: its expert
+        raise ConvertError(f"{ckpt.source_name(t.name, row)}: {bad} NaN/Inf values in the checkpoint")
     return encode_tensor(values, t.type, imatrix)
 
 

@@ -277,3 +277,34 @@ def test_dry_run_prints_the_moe_plan(checkpoint) -> None:
     by_name = {r["name"]: r for r in rows}
     assert by_name["blk.0.ffn_gate_exps.weight"]["shape"] == [256, 512, 8]
     assert by_name["blk.0.ffn_gate_inp.weight"]["type"] == "F32"
+
+
+def test_nan_in_an_expert_names_that_expert(checkpoint, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    src = checkpoint("moe")
+    name = "model.layers.1.mlp.experts.6.gate_proj.weight"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    with safe_open(str(src / index["weight_map"][name]), framework="pt") as f:
+        w = f.get_tensor(name)
+    w[10, 3] = float("nan")
+    d = edited_copy(src, tmp_path / "ck", **{name.replace(".", "__"): w})
+    line = convert_fails(d, tmp_path)
+    assert f"{name}: 1 NaN/Inf values in the checkpoint" in line
+
+
+def test_moe_file_is_byte_identical_across_runs_and_chunkings(
+    checkpoint, tmp_path: Path, monkeypatch
+) -> None:
+    """Same input, same bytes; and streaming the merged tensors in chunks of 3 experts (3, 3, 2)
+    or of one expert (what a 30B-A3B expert of 1.5M values gets under the 1M-value chunk) instead
+    of all 8 at once changes nothing."""
+    import ggq.convert as conv
+
+    d = checkpoint("moe")
+    a = to_gguf(d, tmp_path / "a.gguf", "Q4_K_M").read_bytes()
+    assert to_gguf(d, tmp_path / "b.gguf", "Q4_K_M").read_bytes() == a
+    monkeypatch.setattr(conv, "CHUNK_VALUES", 3 * 512 * 256)
+    assert to_gguf(d, tmp_path / "c.gguf", "Q4_K_M").read_bytes() == a
+    monkeypatch.setattr(conv, "CHUNK_VALUES", 1)
+    assert to_gguf(d, tmp_path / "e.gguf", "Q4_K_M").read_bytes() == a
