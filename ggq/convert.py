@@ -90,8 +90,7 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
 
 
 def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
-    """MoE is RTN only so far: the solvers do not route calibration tokens to experts yet, and an
-    importance matrix of a MoE model has one slice per expert."""
+    """MoE is RTN only so far: the solvers do not route calibration tokens to experts yet."""
     if not ckpt.arch.is_moe:
         return
     if opts.method in METHODS and opts.kind.needs_calibration:
@@ -99,8 +98,6 @@ def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
             f"--method {opts.method}: not yet for {ckpt.arch.hf_name} (calibration per expert is to come); "
             "use --method rtn"
         )
-    if opts.imatrix is not None:
-        raise ConvertError(f"--imatrix: not yet for {ckpt.arch.hf_name} (per-expert importance is to come)")
 
 
 def bits_per_weight(tensors: list[PlannedTensor]) -> float:
@@ -130,6 +127,10 @@ def _encode_rows(
         bad = int(np.count_nonzero(~np.isfinite(values)))
         row = start + int(np.argwhere(~np.isfinite(values))[0][0])  # a merged tensor's row: its expert
         raise ConvertError(f"{ckpt.source_name(t.name, row)}: {bad} NaN/Inf values in the checkpoint")
+    if imatrix is not None and imatrix.ndim == 2:  # (n_expert, n_per_row): each expert its own
+        if values.ndim != 3 or imatrix.shape[0] != ckpt.hparams.n_expert:
+            raise ConvertError(f"--imatrix: {t.name} has {imatrix.shape[0]} importance rows (experts)")
+        return np.concatenate([encode_tensor(v, t.type, imatrix[start + k]) for k, v in enumerate(values)])
     return encode_tensor(values, t.type, imatrix)
 
 

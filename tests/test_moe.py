@@ -260,13 +260,6 @@ def test_calibrated_methods_say_not_yet(checkpoint, tmp_path: Path, method: str)
     assert "not yet" in line
 
 
-def test_imatrix_says_not_yet(checkpoint, tmp_path: Path) -> None:
-    imatrix = tmp_path / "any.gguf"
-    imatrix.write_bytes(b"")
-    line = convert_fails(checkpoint("moe"), tmp_path, "--imatrix", str(imatrix))
-    assert "--imatrix: not yet for Qwen3MoeForCausalLM" in line
-
-
 def test_dry_run_prints_the_moe_plan(checkpoint) -> None:
     args = ["convert", str(checkpoint("moe")), "--type", "Q4_K_M", "--dry-run"]
     result = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
@@ -308,3 +301,54 @@ def test_moe_file_is_byte_identical_across_runs_and_chunkings(
     assert to_gguf(d, tmp_path / "c.gguf", "Q4_K_M").read_bytes() == a
     monkeypatch.setattr(conv, "CHUNK_VALUES", 1)
     assert to_gguf(d, tmp_path / "e.gguf", "Q4_K_M").read_bytes() == a
+
+
+@pytest.fixture(scope="module")
+def moe_imatrix(moe_f32, tmp_path_factory: pytest.TempPathFactory, calibration_text: Path) -> dict[str, Path]:
+    """llama-imatrix's own per-expert importance matrices of the MoE fixtures, from real text."""
+    d = tmp_path_factory.mktemp("moe-imatrix")
+    text = d / "calib.txt"
+    text.write_bytes(calibration_text.read_bytes()[:20000])
+    out = {}
+    for variant, f32 in moe_f32.items():
+        out[variant] = d / f"{variant}.imatrix.gguf"
+        cmd = [
+            str(native.tool_path("llama-imatrix")),
+            "-m",
+            str(f32),
+            "-f",
+            str(text),
+            "-o",
+            str(out[variant]),
+        ]
+        subprocess.run(
+            [*cmd, "-c", "128", "--chunks", "4", "-t", "2"], check=True, capture_output=True, timeout=300
+        )
+    return out
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_0", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("variant", ["moe", "moe-4"])
+def test_rtn_with_imatrix_equals_llama_quantize(
+    checkpoint, moe_f32, moe_imatrix, tmp_path: Path, variant: str, file_type: str
+) -> None:
+    """With llama-imatrix's matrix every expert is quantized under its own importance row, as
+    llama-quantize does (experts no calibration token reached: importance 1 in both)."""
+    from ggq.imatrix import load_imatrix, read_imatrix
+
+    imatrix = moe_imatrix[variant]
+    counts = read_imatrix(imatrix).counts["blk.0.ffn_down_exps.weight"]
+    assert counts.shape == (testing.MOE_VARIANTS[variant].num_experts,) and len(set(counts.tolist())) > 1
+    ref_path = tmp_path / "ref.gguf"
+    cmd = [str(native.tool_path("llama-quantize")), "--imatrix", str(imatrix), str(moe_f32[variant])]
+    subprocess.run([*cmd, str(ref_path), file_type, "2"], check=True, capture_output=True, timeout=300)
+    opts = ConvertOptions(rc.RecipeOptions(file_type, has_imatrix=True), imatrix=imatrix)
+    convert(Checkpoint(checkpoint(variant)), tmp_path / "ours.gguf", opts, load_imatrix(imatrix))
+    ref, ours = read_gguf(ref_path), read_gguf(tmp_path / "ours.gguf")
+    assert set(ours.tensors) == set(ref.tensors)
+    differing = [
+        n
+        for n, t in ref.tensors.items()
+        if ours.tensors[n].type_id != t.type_id or not np.array_equal(ours.tensor_data(n), ref.tensor_data(n))
+    ]
+    assert differing == []
