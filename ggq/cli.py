@@ -21,8 +21,8 @@ import click
 from ggq import __version__
 from ggq.errors import GGQError
 from ggq.files import TEMPORARIES
-from ggq.gguf.recipe import BITS_RECIPES
 from ggq.gguf.writer import check_output_path
+from ggq.plan.recipe import BITS_RECIPES
 from ggq.solvers.method import METHODS
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: ppl's n_batch // n_ctx chunks decode side by side

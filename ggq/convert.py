@@ -21,10 +21,10 @@ from ggq import calib, ggml
 from ggq.checkpoint import Checkpoint
 from ggq.errors import GGQError
 from ggq.files import sha256_file
-from ggq.gguf import recipe
 from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
 from ggq.imatrix import save_imatrix
+from ggq.plan import recipe
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
 from ggq.solvers.method import METHODS, Method, calibrated_list, method
 

@@ -34,7 +34,7 @@ from ggq import __version__, ggml, native
 from ggq.errors import GGQError
 from ggq.eval.llama_tools import run
 from ggq.files import atomic_write, cache_key, sha256_file
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 from ggq.solvers.method import METHODS
 
 if TYPE_CHECKING:

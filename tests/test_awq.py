@@ -16,7 +16,7 @@ from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertError, ConvertOptions, convert
 from ggq.eval import llama_tools
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 from ggq.solvers import awq
 from ggq.solvers.gptq import supported_types
 from tests.test_qwen3_forward import logits

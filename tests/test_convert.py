@@ -16,7 +16,7 @@ from ggq.checkpoint import Checkpoint, CheckpointError
 from ggq.cli import main
 from ggq.convert import ConvertOptions, convert, make_plan
 from ggq.gguf import read_gguf, read_metadata
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 
 TEXT = "Hello world, this is a test. Äpfel 日本語 <|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>"
 

@@ -14,7 +14,7 @@ from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.eval import llama_tools
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 from ggq.solvers.gptq import supported_types
 
 SMALL = {"nsamples": 8, "seqlen": 128}

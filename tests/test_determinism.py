@@ -32,7 +32,7 @@ from ggq import qwen3, testing
 from ggq.checkpoint import Checkpoint
 from ggq.convert import ConvertOptions, make_plan
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 from ggq.solvers import awq
 from ggq.solvers.layerwise import InputStats, LayerReport, SolverOptions, solve_layer
 from ggq.solvers.reductions import GRAM_COLS, GRAM_ROWS, gram, one_thread, total

@@ -17,7 +17,7 @@ from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 from ggq.solvers.gptq import SolverError
 from ggq.solvers.layerwise import LayerReport, SolverOptions, _Layer, resolve_device
 

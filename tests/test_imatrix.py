@@ -16,8 +16,8 @@ from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
 from ggq.imatrix import ImatrixError, load_imatrix, read_imatrix, save_imatrix
+from ggq.plan import recipe as rc
 
 SPEC = testing.Qwen3Spec(
     hidden_size=256, head_dim=64, intermediate_size=512, num_hidden_layers=2, vocab_size=512, seed=3

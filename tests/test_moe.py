@@ -21,7 +21,7 @@ from ggq.checkpoint import Checkpoint
 from ggq.cli import main
 from ggq.convert import ConvertOptions, convert, make_plan
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT_HF = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"

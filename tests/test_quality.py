@@ -16,7 +16,7 @@ from ggq import native
 from ggq.checkpoint import Checkpoint
 from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.eval import llama_tools
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 
 NSAMPLES, SEQLEN = 16, 256  # ggq's calibration: 4,096 tokens of the shipped calibration text
 CHUNKS = 16  # of 512 tokens of held-out text (8,192 scored positions)

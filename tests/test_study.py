@@ -16,7 +16,7 @@ from ggq import study
 from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions
 from ggq.eval import llama_tools
-from ggq.gguf.recipe import RecipeOptions
+from ggq.plan.recipe import RecipeOptions
 from ggq.study import Study, StudyConfig, StudyError
 
 

@@ -155,7 +155,7 @@ def build_models(work: Path) -> dict[str, Path]:
     code = (
         "import sys; from pathlib import Path; from ggq import testing\n"
         "from ggq.checkpoint import Checkpoint; from ggq.convert import ConvertOptions, convert\n"
-        "from ggq.gguf.recipe import RecipeOptions\n"
+        "from ggq.plan.recipe import RecipeOptions\n"
         "w = Path(sys.argv[1]); opts = ConvertOptions(recipe=RecipeOptions(file_type='F32'))\n"
         "convert(Checkpoint(Path(sys.argv[2])), w / 'qwen3-micro-f32.gguf', opts)\n"
         "fv = testing.build_checkpoint(w / 'full-vocab', 'full-vocab')\n"

@@ -15,7 +15,7 @@ from ggq import ggml, native
 from ggq.eval.perplexity import PerplexityError
 from ggq.files import atomic_write, sha256_file, short_hash
 from ggq.gguf import GGUFFormatError, read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 
 FLOAT_FILE_TYPES = {rc.FILE_TYPES[t].llama_ftype: t for t in ggml.FLOAT_TYPES}
 

@@ -33,7 +33,7 @@ from ggq.eval.perplexity import (
 )
 from ggq.files import atomic_write
 from ggq.gguf import read_gguf
-from ggq.gguf import recipe as rc
+from ggq.plan import recipe as rc
 
 DATASETS = {"wikitext-2": DEFAULT_TEXT}
 _FTYPE_NAMES = {ft.llama_ftype: name for name, ft in rc.FILE_TYPES.items()}

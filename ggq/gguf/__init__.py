@@ -1,4 +1,5 @@
-"""GGUF files: a fast reader, a streaming atomic writer, metadata, and tensor-type recipes."""
+"""GGUF files: a fast reader, a streaming atomic writer and the metadata (the tensor-type recipes
+are in ggq.plan)."""
 
 from ggq.gguf.reader import GGUFFile, GGUFFormatError, TensorRecord, read_gguf, read_metadata
 
