@@ -352,3 +352,63 @@ def test_rtn_with_imatrix_equals_llama_quantize(
         if ours.tensors[n].type_id != t.type_id or not np.array_equal(ours.tensor_data(n), ref.tensor_data(n))
     ]
     assert differing == []
+
+
+# --- ggq's other commands on the MoE file ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_q4(checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return to_gguf(checkpoint("moe"), tmp_path_factory.mktemp("moe-q4") / "moe-Q4_K_M.gguf", "Q4_K_M")
+
+
+def test_ppl_base_kld_equals_llama_perplexity_on_moe(
+    moe_f32, moe_q4: Path, prose: Path, tmp_path: Path
+) -> None:
+    """Every statistic of llama-perplexity --kl-divergence within one unit of its last printed
+    digit, except the PPLs of ~1090 and their errors (random weights, 1024 tokens): 6 printed
+    decimals are 10 significant digits, past the agreement of two summation orders (measured:
+    PPL 2e-6 apart, 2e-9 relative; its error 1.3e-6, 6e-8 relative), so they get 1e-7 relative."""
+    from ggq.eval import llama_tools
+    from tests.test_kld import LAST_DIGIT, STATS, ggq_kld
+
+    base_file = llama_tools.kld_base(moe_f32["moe"], prose, tmp_path / "base.kld", n_ctx=128, chunks=4)
+    ref = llama_tools.kld_stats(moe_q4, base_file, n_ctx=128, chunks=4)
+    doc = ggq_kld(moe_q4, moe_f32["moe"], prose, 128, 4)
+    ours = next(r for r in doc["rows"] if r["role"] == "model")["kld"]
+    ppls = ("ppl", "ppl_err", "ppl_base", "ppl_base_err")
+    allowed = {k: max(LAST_DIGIT[k], 1e-7 * abs(ref[k])) if k in ppls else LAST_DIGIT[k] for k in STATS}
+    wrong = {k: (ours[k], ref[k]) for k in STATS if abs(ours[k] - ref[k]) > allowed[k] * (1 + 1e-6)}
+    assert wrong == {}
+    assert 0 < ours["kld"] < 0.1 and ours["same_top"] < 100
+
+
+def test_vs_q4_0_on_moe_is_llama_quantizes_file(
+    moe_f32, moe_q4: Path, prose: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_kld import ggq_kld
+
+    monkeypatch.setenv("GGQ_CACHE", str(tmp_path / "cache"))
+    rows = {r["role"]: r for r in ggq_kld(moe_q4, moe_f32["moe"], prose, 128, 2, "--vs-q4_0")["rows"]}
+    assert rows["llama.cpp Q4_0"]["type"] == "Q4_0"
+    ref = tmp_path / "ref-q4_0.gguf"
+    tool = str(native.tool_path("llama-quantize"))
+    subprocess.run(
+        [tool, str(moe_f32["moe"]), str(ref), "Q4_0"], check=True, capture_output=True, timeout=300
+    )
+    (cached,) = (tmp_path / "cache" / "baselines").glob("*.gguf")
+    assert cached.read_bytes() == ref.read_bytes()
+
+
+def test_chat_and_bench_run_the_moe_file(moe_q4: Path) -> None:
+    args = ["chat", str(moe_q4), "-p", "Hello", "-n", "8", "--seed", "7", "--no-think", "-c", "256"]
+    first, second = CliRunner().invoke(main, args), CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and first.stdout.strip()
+    bench = ["bench", str(moe_q4), "-p", "16", "-n", "4", "-r", "2", "-t", "2", "--json"]
+    result = CliRunner().invoke(main, bench)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert [s["test"] for s in row["speeds"]] == ["pp16", "tg4"] and all(
+        s["median"] > 0 for s in row["speeds"]
+    )
