@@ -24,9 +24,9 @@ from typing import Any
 
 from ggq import native
 from ggq.errors import GGQError
+from ggq.eval.fileinfo import FileInfo, file_info, type_label
 from ggq.eval.llama_tools import run
-from ggq.eval.perplexity import PerplexityError, check_gpu_layers, check_model_file
-from ggq.eval.report import FileInfo, file_info, type_label
+from ggq.gguf import GGUFFormatError, ModelFileError, check_model_file
 
 
 class BenchError(GGQError, ValueError):
@@ -129,10 +129,10 @@ def run_cli(
     from rich.table import Table
 
     try:
-        check_gpu_layers(n_gpu_layers)
+        native.check_gpu_layers(n_gpu_layers)
         for path in models:
             check_model_file(path, 1)
-    except PerplexityError as exc:
+    except (native.DeviceError, GGUFFormatError, ModelFileError) as exc:
         raise BenchError(str(exc)) from exc
     results = []
     err = Console(stderr=True)

@@ -92,15 +92,14 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         from ggq import native
-        from ggq.eval.perplexity import PerplexityError, check_gpu_layers
 
         try:
             meta = read_metadata(self.path)
         except (GGUFFormatError, OSError) as exc:
             raise ChatError(f"{self.path}: cannot read as GGUF ({exc})") from exc
         try:
-            check_gpu_layers(self.n_gpu_layers)
-        except PerplexityError as exc:
+            native.check_gpu_layers(self.n_gpu_layers)
+        except native.DeviceError as exc:
             raise ChatError(str(exc)) from exc
         self.template = str(meta.get("tokenizer.chat_template") or CHATML)
         self.has_template = "tokenizer.chat_template" in meta

@@ -23,6 +23,10 @@ class NativeError(GGQError, RuntimeError):
     """The native build is missing or incomplete."""
 
 
+class DeviceError(GGQError, ValueError):
+    """A device the linked llama.cpp build does not have (``--gpu-layers N`` without a GPU)."""
+
+
 def load() -> ModuleType:
     """Import ``ggq._native`` with a message that says how to build it when it is absent."""
     try:
@@ -94,3 +98,16 @@ def import_llama_cpp() -> ModuleType:
         raise NativeError(
             f"llama-cpp-python is not installed ({exc}); `make install` installs it against ggq's build"
         ) from exc
+
+
+def gpu_devices() -> list[str]:
+    """Descriptions of the GPUs the linked llama.cpp can use (none in a CPU build)."""
+    return [d["description"] for d in load().devices() if d["type"] in ("gpu", "igpu")]
+
+
+def check_gpu_layers(n_gpu_layers: int) -> None:
+    if n_gpu_layers > 0 and not gpu_devices():
+        raise DeviceError(
+            f"--gpu-layers {n_gpu_layers}: no GPU available to this llama.cpp build "
+            "(`ggq info` lists its back ends and devices; build with GGQ_CUDA=ON for CUDA)"
+        )

@@ -297,7 +297,7 @@ class Study:
     def evaluate(self, base: Entry, entries: list[Entry]) -> None:
         """Every entry against the base on every text; cached results are read, the rest run in one pass."""
         from ggq.eval.perplexity import PerplexityConfig, load_text
-        from ggq.eval.report import rows_against_base
+        from ggq.ppl import rows_against_base
 
         config = PerplexityConfig(n_ctx=self.cfg.n_ctx, n_chunks=self.cfg.chunks, n_threads=self.cfg.threads)
         for text in self.texts():

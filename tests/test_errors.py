@@ -25,7 +25,7 @@ from ggq.solvers.method import CALIBRATED, METHODS, Method, MethodError, calibra
 # exception classes in ggq that are not user-facing errors, and why
 NOT_GGQ_ERRORS = {
     "ggq.cli.UserError": "click's form of a GGQError on the command line (exit 2)",
-    "ggq.cli.Terminated": "SIGTERM unwinding the command, as KeyboardInterrupt does for SIGINT",
+    "ggq.signals.Terminated": "SIGTERM unwinding the command, as KeyboardInterrupt does for SIGINT",
 }
 
 
@@ -75,7 +75,7 @@ def _commands(tmp_path: Path) -> list[tuple[list[str], str]]:
     model = tmp_path / "m.gguf"
     return [
         (["convert", str(tmp_path), "--dry-run"], "ggq.convert.run_cli"),
-        (["ppl", str(model)], "ggq.eval.report.run_cli"),
+        (["ppl", str(model)], "ggq.ppl.run_cli"),
         (["chat", str(model), "-p", "hi"], "ggq.chat.ChatSession"),
         (["bench", str(model)], "ggq.bench.run_cli"),
         (["study", str(tmp_path)], "ggq.study.Study"),

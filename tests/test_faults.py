@@ -20,9 +20,10 @@ import pytest
 from click.testing import CliRunner, Result
 from gguf import GGUFReader  # gguf-py: an independent parser, to find the bytes to damage
 
-from ggq.cli import GRACE_S, main
+from ggq.cli import main
 from ggq.gguf import read_gguf
 from ggq.gguf import writer as writer_mod
+from ggq.signals import GRACE_S
 
 GGQ = [sys.executable, "-m", "ggq.cli"]
 # what a non-interactive shell does to a job it starts with `&`: SIGINT ignored, then exec

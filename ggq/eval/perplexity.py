@@ -24,7 +24,7 @@ import numpy as np
 from ggq import native
 from ggq.errors import GGQError
 from ggq.eval.kld import KldAccumulator, KldStats
-from ggq.gguf import GGUFFormatError, read_gguf
+from ggq.gguf import check_model_file
 
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -108,41 +108,10 @@ def resolve_threads(n_threads: int) -> int:
         return os.cpu_count() or 1
 
 
-def check_model_file(path: Path, n_ctx: int) -> None:
-    """Validate the GGUF (header, tensor table, data size) before llama.cpp reads it, and n_ctx."""
-    try:
-        meta = read_gguf(path).metadata
-    except GGUFFormatError as exc:
-        raise PerplexityError(str(exc)) from exc
-    except OSError as exc:
-        raise PerplexityError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    arch = meta.get("general.architecture")
-    n_ctx_train = meta.get(f"{arch}.context_length")
-    if not isinstance(n_ctx_train, int):
-        raise PerplexityError(f"{path}: no {arch}.context_length in the GGUF metadata")
-    if n_ctx > n_ctx_train:
-        raise PerplexityError(
-            f"{path}: -c {n_ctx} exceeds the model's training context ({arch}.context_length = {n_ctx_train})"
-        )
-
-
-def gpu_devices() -> list[str]:
-    """Descriptions of the GPUs the linked llama.cpp can use (none in a CPU build)."""
-    return [d["description"] for d in native.load().devices() if d["type"] in ("gpu", "igpu")]
-
-
-def check_gpu_layers(n_gpu_layers: int) -> None:
-    if n_gpu_layers > 0 and not gpu_devices():
-        raise PerplexityError(
-            f"--gpu-layers {n_gpu_layers}: no GPU available to this llama.cpp build "
-            "(`ggq info` lists its back ends and devices; build with GGQ_CUDA=ON for CUDA)"
-        )
-
-
 def load_model(path: Path, n_ctx: int, n_gpu_layers: int = -1) -> Any:
     """The model as ``ggq._native.Model``, after the file checks."""
     check_model_file(path, n_ctx)
-    check_gpu_layers(n_gpu_layers)
+    native.check_gpu_layers(n_gpu_layers)
     mod = native.load()
     try:
         model = mod.Model(str(path), n_gpu_layers)

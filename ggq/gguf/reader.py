@@ -32,6 +32,10 @@ class GGUFFormatError(GGQError, ValueError):
     """The file is not a well-formed GGUF; the message names the file and what is wrong."""
 
 
+class ModelFileError(GGQError, ValueError):
+    """A GGUF that cannot serve as a model: unreadable, or without (or shorter than) the context asked for."""
+
+
 class _Cursor:
     def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
         self.f, self.path, self.size = f, path, size
@@ -232,3 +236,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def read_gguf(path: str | Path) -> GGUFFile:
     """Metadata and tensor table of a GGUF file, validated against the file size."""
     return _read(Path(path))
+
+
+def check_model_file(path: Path, n_ctx: int) -> None:
+    """Validate the GGUF (header, tensor table, data size) before llama.cpp reads it, and n_ctx
+    against the model's training context."""
+    try:
+        meta = read_gguf(path).metadata
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    arch = meta.get("general.architecture")
+    n_ctx_train = meta.get(f"{arch}.context_length")
+    if not isinstance(n_ctx_train, int):
+        raise ModelFileError(f"{path}: no {arch}.context_length in the GGUF metadata")
+    if n_ctx > n_ctx_train:
+        raise ModelFileError(
+            f"{path}: -c {n_ctx} exceeds the model's training context ({arch}.context_length = {n_ctx_train})"
+        )

@@ -9,14 +9,14 @@ model's logits compared with the base's as they come (``perplexity.run_against_b
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ggq import ggml
+from ggq import native
 from ggq.eval.baseline import q4_0_baseline
+from ggq.eval.fileinfo import FileInfo, file_info, type_label
 from ggq.eval.kld import KldStats
 from ggq.eval.perplexity import (
     DEFAULT_TEXT,
@@ -24,47 +24,19 @@ from ggq.eval.perplexity import (
     PerplexityConfig,
     PerplexityError,
     PerplexityResult,
-    check_gpu_layers,
-    check_model_file,
     load_text,
     prepare,
     run,
     run_against_base,
 )
 from ggq.files import atomic_write
-from ggq.gguf import read_gguf
-from ggq.plan import recipe as rc
+from ggq.gguf import check_model_file
 
 DATASETS = {"wikitext-2": DEFAULT_TEXT}
-_FTYPE_NAMES = {ft.llama_ftype: name for name, ft in rc.FILE_TYPES.items()}
 
 
 def result_dict(r: PerplexityResult) -> dict[str, Any]:
     return {**asdict(r), "tokens_per_second": r.tokens_per_second}
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    type: str  # the recipe, as llama-quantize names it (general.file_type)
-    method: str | None  # ggq.method for files ggq made
-    size_mib: float
-    bpw: float  # bits per weight over every tensor of the file
-
-
-def file_info(path: Path) -> FileInfo:
-    gg = read_gguf(path)
-    ftype = int(gg.metadata.get("general.file_type", -1)) & ~1024  # 1024: llama.cpp's "guessed" flag
-    n_bytes = sum(t.nbytes for t in gg.tensors.values())
-    n_weights = sum(math.prod(t.shape) for t in gg.tensors.values())
-    name = _FTYPE_NAMES.get(ftype, f"ftype {ftype}")
-    # llama-quantize copies every key of its input: ggq.* of a ggq F32 describe that file, not this one
-    method = gg.metadata.get("ggq.method") if gg.metadata.get("ggq.recipe") == name else None
-    return FileInfo(
-        type=name,
-        method=str(method) if method is not None else None,
-        size_mib=path.stat().st_size / 2**20,
-        bpw=8 * n_bytes / n_weights if n_weights else math.nan,
-    )
 
 
 @dataclass(frozen=True)
@@ -85,13 +57,6 @@ class Row:
             d["delta_ppl_pct"] = 100 * (self.ppl.ppl / base_ppl - 1)
         d["kld"] = asdict(self.kld) if self.kld is not None else None
         return d
-
-
-def type_label(info: FileInfo) -> str:
-    """ "Q4_K_M ggq awq", "Q4_0 llama.cpp" (a quant ggq did not make), "F32"."""
-    if info.type in ggml.FLOAT_TYPES:
-        return info.type
-    return f"{info.type} ggq {info.method}" if info.method else f"{info.type} llama.cpp"
 
 
 def _progress(as_json: bool) -> Any:
@@ -251,7 +216,7 @@ def run_cli(
     dataset: str | None = None,
 ) -> None:
     text, source = resolve_text(text_file, dataset)
-    check_gpu_layers(config.n_gpu_layers)
+    native.check_gpu_layers(config.n_gpu_layers)
     if vs_q4_0 and base is None:
         raise PerplexityError("--vs-q4_0: needs --base BASE.gguf (the F32/F16/BF16 file to quantize)")
     for path in (*models, *([base] if base else [])):  # every file checked before minutes are spent
