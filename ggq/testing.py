@@ -10,6 +10,7 @@ qwen3-micro does, and places the Qwen special tokens right after them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -274,6 +275,11 @@ def config_json(spec: Qwen3Spec) -> dict[str, Any]:
 
 def random_weights(spec: Qwen3Spec) -> dict[str, Any]:
     """Seeded random weights under the Hugging Face Qwen3 tensor names, as bf16 torch tensors."""
+    return dict(iter_weights(spec))
+
+
+def iter_weights(spec: Qwen3Spec) -> Iterator[tuple[str, Any]]:
+    """``random_weights`` one tensor at a time (a checkpoint of billions of weights streams)."""
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -286,39 +292,70 @@ def random_weights(spec: Qwen3Spec) -> dict[str, Any]:
 
     h, hd, ff = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q_out, kv_out = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(spec.vocab_size, h)}
+    yield "model.embed_tokens.weight", normal(spec.vocab_size, h)
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm(h)
-        w[p + "self_attn.q_proj.weight"] = normal(q_out, h)  # (n_head * head_dim, hidden)
-        w[p + "self_attn.k_proj.weight"] = normal(kv_out, h)
-        w[p + "self_attn.v_proj.weight"] = normal(kv_out, h)
-        w[p + "self_attn.o_proj.weight"] = normal(h, q_out)
-        w[p + "self_attn.q_norm.weight"] = norm(hd)
-        w[p + "self_attn.k_norm.weight"] = norm(hd)
-        w[p + "post_attention_layernorm.weight"] = norm(h)
+        yield p + "input_layernorm.weight", norm(h)
+        yield p + "self_attn.q_proj.weight", normal(q_out, h)  # (n_head * head_dim, hidden)
+        yield p + "self_attn.k_proj.weight", normal(kv_out, h)
+        yield p + "self_attn.v_proj.weight", normal(kv_out, h)
+        yield p + "self_attn.o_proj.weight", normal(h, q_out)
+        yield p + "self_attn.q_norm.weight", norm(hd)
+        yield p + "self_attn.k_norm.weight", norm(hd)
+        yield p + "post_attention_layernorm.weight", norm(h)
         if isinstance(spec, Qwen3MoeSpec):
-            w.update(_expert_weights(spec, p, normal))
+            yield from _expert_weights(spec, p, normal)
             continue
-        w[p + "mlp.gate_proj.weight"] = normal(ff, h)
-        w[p + "mlp.up_proj.weight"] = normal(ff, h)
-        w[p + "mlp.down_proj.weight"] = normal(h, ff)
-    w["model.norm.weight"] = norm(h)
+        yield p + "mlp.gate_proj.weight", normal(ff, h)
+        yield p + "mlp.up_proj.weight", normal(ff, h)
+        yield p + "mlp.down_proj.weight", normal(h, ff)
+    yield "model.norm.weight", norm(h)
     if not spec.tie_word_embeddings:
-        w["lm_head.weight"] = normal(spec.vocab_size, h)
-    return w
+        yield "lm_head.weight", normal(spec.vocab_size, h)
 
 
-def _expert_weights(spec: Qwen3MoeSpec, prefix: str, normal: Any) -> dict[str, Any]:
+def _expert_weights(spec: Qwen3MoeSpec, prefix: str, normal: Any) -> Iterator[tuple[str, Any]]:
     """One layer's router (num_experts, hidden) and experts, each (ff, hidden) / (hidden, ff)."""
     h, ff = spec.hidden_size, spec.moe_intermediate_size
-    w = {prefix + "mlp.gate.weight": normal(spec.num_experts, h, std=spec.router_std / h**0.5)}
+    yield prefix + "mlp.gate.weight", normal(spec.num_experts, h, std=spec.router_std / h**0.5)
     for e in range(spec.num_experts):
         q = f"{prefix}mlp.experts.{e}."
-        w[q + "gate_proj.weight"] = normal(ff, h)
-        w[q + "up_proj.weight"] = normal(ff, h)
-        w[q + "down_proj.weight"] = normal(h, ff)
-    return w
+        yield q + "gate_proj.weight", normal(ff, h)
+        yield q + "up_proj.weight", normal(ff, h)
+        yield q + "down_proj.weight", normal(h, ff)
+
+
+def _write_streamed(path: Path, weights: Iterator[tuple[str, Any]], shard_bytes: int) -> None:
+    """Weights in shards of about ``shard_bytes``, each written once full: only one shard is ever
+    in memory (checkpoints of billions of weights on a machine with a few GB to spare)."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = []
+    part: dict[str, Any] = {}
+    total = 0
+
+    def flush() -> None:
+        save_file(part, str(path / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(part))
+        part.clear()
+
+    in_part = 0
+    for name, tensor in weights:
+        part[name] = tensor
+        size = tensor.numel() * tensor.element_size()
+        total, in_part = total + size, in_part + size
+        if in_part >= shard_bytes:
+            flush()
+            in_part = 0
+    if part:
+        flush()
+    weight_map = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        (path / f"part-{k:05d}.safetensors").rename(path / fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _write_weights(path: Path, weights: dict[str, Any], shards: int) -> None:
@@ -340,8 +377,11 @@ def _write_weights(path: Path, weights: dict[str, Any], shards: int) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_checkpoint(path: Path, spec: Qwen3Spec | str = "tied", vocab_gguf: Path | None = None) -> Path:
-    """Write a complete Hugging Face Qwen3 checkpoint directory at ``path`` and return it."""
+def build_checkpoint(
+    path: Path, spec: Qwen3Spec | str = "tied", vocab_gguf: Path | None = None, shard_bytes: int | None = None
+) -> Path:
+    """Write a complete Hugging Face Qwen3 checkpoint directory at ``path`` and return it;
+    with ``shard_bytes``, streamed into shards of about that size instead of ``spec.shards``."""
     if isinstance(spec, str):
         known: dict[str, Qwen3Spec] = {**VARIANTS, **MOE_VARIANTS}
         if spec not in known:
@@ -371,7 +411,10 @@ def build_checkpoint(path: Path, spec: Qwen3Spec | str = "tied", vocab_gguf: Pat
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     (path / "ggq-fixture.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    _write_weights(path, random_weights(spec), spec.shards)
+    if shard_bytes:
+        _write_streamed(path, iter_weights(spec), shard_bytes)
+    else:
+        _write_weights(path, random_weights(spec), spec.shards)
     return path
 
 
