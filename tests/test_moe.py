@@ -412,3 +412,25 @@ def test_chat_and_bench_run_the_moe_file(moe_q4: Path) -> None:
     assert [s["test"] for s in row["speeds"]] == ["pp16", "tg4"] and all(
         s["median"] > 0 for s in row["speeds"]
     )
+
+
+def test_checkpoint_saved_by_transformers_converts_to_the_same_tensors(
+    checkpoint, moe_f32, tmp_path: Path
+) -> None:
+    """What transformers' own save_pretrained writes (5.x: num_local_experts in config.json, the
+    fused in-memory experts split back into per-expert tensors) reads as the hub layout does."""
+    from transformers import AutoModelForCausalLM
+
+    src = checkpoint("moe-4")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / name, saved / name)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config.get("norm_topk_prob") is True
+    assert config["num_local_experts"] == 4 and "num_experts" not in config  # transformers 5.24's keys
+    ours, ref = read_gguf(to_gguf(saved, tmp_path / "saved.gguf")), read_gguf(moe_f32["moe-4"])
+    assert sorted(ours.tensors) == sorted(ref.tensors)
+    assert [n for n in ref.tensors if not np.array_equal(ours.tensor_data(n), ref.tensor_data(n))] == []
+    assert ours.metadata["qwen3moe.expert_count"] == 4 and ours.metadata["qwen3moe.expert_used_count"] == 3
