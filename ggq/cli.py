@@ -224,12 +224,13 @@ def convert(
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
+    from ggq import convert_cli
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
     for target in (output, save_imatrix) if not dry_run else ():
         if target is not None:
             check_output_path(target)  # an unwritable target fails now, not after the solver
-    conv.run_cli(
+    convert_cli.run_cli(
         model,
         output,
         conv.cli_options(

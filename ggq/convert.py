@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from ggq.gguf.metadata import Provenance, model_kv, name_and_size
 from ggq.gguf.writer import GGUFWriter
 from ggq.imatrix import save_imatrix
 from ggq.plan import recipe
+from ggq.plan.recipe import FileType
 from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
 from ggq.solvers.method import METHODS, Method, calibrated_list, method
 
@@ -58,6 +58,11 @@ class ConvertOptions:
     def kind(self) -> Method:
         return method(self.method)
 
+    @property
+    def file_type(self) -> FileType:
+        """The recipe, resolved (aliases such as Q4_K -> Q4_K_M)."""
+        return recipe.file_type(self.recipe.file_type)
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -86,6 +91,8 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
     shape = recipe.ModelShape(hp.n_layer, hp.n_head, hp.n_head_kv, n_expert=hp.n_expert)
     specs = tensor_specs(ckpt)
     types = recipe.plan(specs, shape, opts.recipe)
+    if opts.method in METHODS and opts.kind.needs_calibration:
+        check_targets(types, opts.method)  # a type the solver cannot target: refused before any output
     return [PlannedTensor(s.name, s.shape, types[s.name], ggml.nbytes(types[s.name], s.shape)) for s in specs]
 
 
@@ -105,9 +112,9 @@ def bits_per_weight(tensors: list[PlannedTensor]) -> float:
     return 8.0 * sum(t.nbytes for t in tensors) / n if n else 0.0
 
 
-def default_output_name(ckpt: Checkpoint, file_type: str) -> str:
+def default_output_name(ckpt: Checkpoint, file_type: FileType) -> str:
     basename, size = name_and_size(ckpt)
-    return f"{basename}-{size}-{recipe.file_type(file_type).name}.gguf"
+    return f"{basename}-{size}-{file_type.name}.gguf"
 
 
 CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per chunk: memory is bounded by chunks in flight, not the model
@@ -150,18 +157,18 @@ def encoded_chunks(
         yield window.popleft().result()
 
 
-def _solver_stream(
-    ckpt: Checkpoint,
-    plan: list[PlannedTensor],
-    opts: ConvertOptions,
-    report: Callable[[LayerReport], None] | None,
-    act_sums: dict[str, tuple[np.ndarray, int]],
-) -> Iterator[dict[str, object]]:
-    """First the calibration provenance, then per layer {GGUF name: bytes} of every tensor the
-    solver changed (quantized linears; with AWQ also the norms and float linears it folded into).
-    ``act_sums`` collects each linear's (sum of x^2 per input column, tokens)."""
-    types = {t.name: t.type for t in plan}
-    check_targets(types, opts.method)
+@dataclass(frozen=True)
+class SolverInput:
+    """What the calibration solvers start from: the token windows, the torch device, and the
+    provenance the file records (``ggq.calibration.*``)."""
+
+    windows: calib.Calibration
+    device: str
+    provenance: dict[str, object]
+
+
+def prepare_calibration(ckpt: Checkpoint, opts: ConvertOptions) -> SolverInput:
+    """Resolve the device and sample the calibration windows (the text, or a named data set)."""
     device = resolve_device(opts.cal.device)
     cal, tokenizer = opts.cal, ckpt.path / "tokenizer.json"
     if cal.dataset:
@@ -169,23 +176,75 @@ def _solver_stream(
     else:
         text = cal.calib or calib.default_text()
         windows = calib.sample_windows(tokenizer, text, cal.nsamples, cal.seqlen, cal.seed)
-    yield {
+    provenance: dict[str, object] = {
         "file": windows.source,
         "sha256": windows.sha256,
-        "nsamples": opts.cal.nsamples,
-        "seqlen": opts.cal.seqlen,
-        "seed": opts.cal.seed,
-        "damp": opts.cal.damp,
-        **({"act_order": opts.cal.act_order} if opts.kind.uses_gptq else {}),
+        "nsamples": cal.nsamples,
+        "seqlen": cal.seqlen,
+        "seed": cal.seed,
+        "damp": cal.damp,
+        **({"act_order": cal.act_order} if opts.kind.uses_gptq else {}),
     }
-    sopts = SolverOptions(method=opts.method, damp=opts.cal.damp, act_order=opts.cal.act_order, device=device)
-    for i, result in solve_layers(ckpt, windows.tokens, types, sopts, report):
+    return SolverInput(windows, device, provenance)
+
+
+def solved_layers(
+    ckpt: Checkpoint,
+    plan: list[PlannedTensor],
+    prepared: SolverInput,
+    opts: ConvertOptions,
+    report: Callable[[LayerReport], None] | None,
+    act_sums: dict[str, tuple[np.ndarray, int]],
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Per layer, in order: (layer, {GGUF name: bytes}) of every tensor the solver changed
+    (quantized linears; with AWQ also the norms and float linears it folded into).
+    ``act_sums`` collects each linear's (sum of x^2 per input column, tokens)."""
+    types = {t.name: t.type for t in plan}
+    cal = opts.cal
+    sopts = SolverOptions(method=opts.method, damp=cal.damp, act_order=cal.act_order, device=prepared.device)
+    for i, result in solve_layers(ckpt, prepared.windows.tokens, types, sopts, report):
         act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
-        yield {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
+        yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
 
 
 def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+
+def _write_data(
+    writer: GGUFWriter,
+    ckpt: Checkpoint,
+    plan: list[PlannedTensor],
+    solved: Iterator[tuple[int, dict[str, np.ndarray]]] | None,
+    imatrix: dict[str, np.ndarray] | None,
+    threads: int,
+    progress: Callable[[PlannedTensor], None] | None,
+) -> None:
+    """Every tensor in plan order: a layer's solved tensors as the solver returns them (one layer
+    at a time), the rest encoded here by RTN a block of rows at a time."""
+    layer: dict[str, np.ndarray] = {}
+    current: int | None = None
+    with ThreadPoolExecutor(threads) as pool:
+        for t in plan:
+            if solved is not None and _layer_of(t.name) != current:
+                if layer:
+                    raise ConvertError(f"solved tensors not in the plan of layer {current}: {sorted(layer)}")
+                current = _layer_of(t.name)
+                layer = _next_layer(solved, current) if current is not None else {}
+            if t.name in layer:
+                writer.write_tensor(t.name, layer.pop(t.name))
+            else:
+                imat = imatrix.get(t.name) if imatrix and not ggml.is_float(t.type) else None
+                writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
+            if progress:
+                progress(t)
+
+
+def _next_layer(solved: Iterator[tuple[int, dict[str, np.ndarray]]], expected: int) -> dict[str, np.ndarray]:
+    i, tensors = next(solved)
+    if i != expected:
+        raise ConvertError(f"the solver returned layer {i} where the plan has layer {expected}")
+    return tensors
 
 
 def convert(
@@ -195,52 +254,35 @@ def convert(
     imatrix: dict[str, np.ndarray] | None = None,
     progress: Callable[[PlannedTensor], None] | None = None,
     layer_report: Callable[[LayerReport], None] | None = None,
+    plan: list[PlannedTensor] | None = None,
 ) -> list[PlannedTensor]:
-    """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written."""
+    """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written (``plan``:
+    one ``make_plan`` already made for these options, else it is made here)."""
     if opts.method not in METHODS:
         raise ConvertError(f"--method {opts.method}: unknown; known: {', '.join(METHODS)}")
     _check_save_imatrix(opts.method, opts.save_imatrix)
-    ft = recipe.file_type(opts.recipe.file_type)
-    plan = make_plan(ckpt, opts)
+    ft = opts.file_type
+    plan = make_plan(ckpt, opts) if plan is None else plan
+    prepared = prepare_calibration(ckpt, opts) if opts.kind.needs_calibration else None
     act_sums: dict[str, tuple[np.ndarray, int]] = {}
-    solved = _solver_stream(ckpt, plan, opts, layer_report, act_sums) if opts.kind.needs_calibration else None
-    calib_meta: dict[str, object] = (
-        next(solved) if solved is not None else {}
-    )  # first: calibration provenance
+    solved = solved_layers(ckpt, plan, prepared, opts, layer_report, act_sums) if prepared else None
     prov = Provenance(
         method=opts.method,
         recipe=ft.name,
         imatrix_file=opts.imatrix.name if opts.imatrix else None,
         imatrix_sha256=sha256_file(opts.imatrix) if opts.imatrix else None,
-        calibration=calib_meta,
+        calibration=prepared.provenance if prepared else {},
     )
-    threads = opts.threads or os.cpu_count() or 1
-    with GGUFWriter(out) as writer, ThreadPoolExecutor(threads) as pool:
+    with GGUFWriter(out) as writer:
         for key, value in model_kv(ckpt, ft.llama_ftype, prov).items():
             writer.add_kv(key, value)
         for t in plan:
             writer.add_tensor_info(t.name, t.shape, ggml.ggml_type(t.type).type_id, t.nbytes)
         writer.begin_data()
-        layer: dict[str, object] = {}
-        current: int | None = None
-        for t in plan:
-            if solved is not None and _layer_of(t.name) != current:
-                if layer:
-                    raise ConvertError(f"solved tensors not in the plan of layer {current}: {sorted(layer)}")
-                current = _layer_of(t.name)
-                layer = next(solved) if current is not None else {}  # this layer's solved tensors
-            if t.name in layer:
-                data = layer.pop(t.name)
-                assert isinstance(data, np.ndarray)
-                writer.write_tensor(t.name, data)
-            else:
-                imat = imatrix.get(t.name) if imatrix and not ggml.is_float(t.type) else None
-                writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
-            if progress:
-                progress(t)
+        _write_data(writer, ckpt, plan, solved, imatrix, opts.threads or os.cpu_count() or 1, progress)
         writer.finish()
-    if opts.save_imatrix:
-        source = str(calib_meta["file"])
+    if opts.save_imatrix and prepared:
+        source = prepared.windows.source
         save_imatrix(opts.save_imatrix, act_sums, [source], opts.cal.nsamples, opts.cal.seqlen)
     return plan
 
@@ -289,114 +331,3 @@ def cli_options(
 def _check_save_imatrix(name: str, save_imatrix: Path | None) -> None:
     if save_imatrix and name in METHODS and not METHODS[name].needs_calibration:
         raise ConvertError(f"--save-imatrix: needs calibration activations (--method {calibrated_list()})")
-
-
-def _exponents(ax: float, aw: float) -> str:
-    return f"x^{ax:.2f}" + (f"/w^{aw:.2f}" if aw else "")
-
-
-def _print_layer(console: Any, method: str, rep: LayerReport, damp: float) -> None:
-    errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
-    alphas = "  ".join(f"{k} {_exponents(ax, aw)}" for k, (ax, aw) in rep.alphas.items())
-    raised = "  ".join(f"{k} {d:g}" for k, d in rep.damp.items() if d > damp)
-    line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
-    line += f"  awq scales: {alphas}" if alphas else ""
-    line += f"  damping raised (H not positive definite at {damp:g}): {raised}" if raised else ""
-    console.print(line)
-
-
-def layer_json(rep: LayerReport) -> dict[str, object]:
-    return {
-        "layer": rep.layer,
-        "seconds": round(rep.seconds, 3),
-        "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
-        "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
-        **({"gptq_damp": rep.damp} if rep.damp else {}),
-    }
-
-
-def run_cli(
-    model: str, output: Path | None, opts: ConvertOptions, dry_run: bool, as_json: bool, force: bool
-) -> None:
-    import json
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from ggq.checkpoint import resolve
-    from ggq.imatrix import load_imatrix
-
-    console = Console(stderr=True)
-    ckpt = Checkpoint(resolve(model))
-    out = output or Path(default_output_name(ckpt, opts.recipe.file_type))
-    plan = make_plan(ckpt, opts)
-    if opts.kind.needs_calibration:
-        check_targets({t.name: t.type for t in plan}, opts.method)  # before any output
-    rows = [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in plan]
-    if dry_run:
-        if as_json:
-            print(json.dumps({"output": str(out), "tensors": rows}, indent=2))
-            return
-        table = Table("tensor", "shape", "type", "bytes", "bpw")
-        for t in plan:
-            table.add_row(
-                t.name, " x ".join(map(str, t.shape)), t.type, f"{t.nbytes:,}", f"{bits_per_weight([t]):.2f}"
-            )
-        table.add_section()
-        total = sum(t.nbytes for t in plan)
-        table.add_row(
-            f"total ({len(plan)} tensors)",
-            "",
-            "",
-            f"{total:,} ({total / 2**20:.1f} MiB)",
-            f"{bits_per_weight(plan):.2f}",
-        )
-        Console().print(table)
-        return
-    if out.exists() and not force:
-        raise ConvertError(f"{out}: already exists (use --force to overwrite)")
-    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else None
-    total = sum(t.nbytes for t in plan)
-    done: list[PlannedTensor] = []
-
-    def advance(t: PlannedTensor) -> None:
-        done.append(t)
-        src = int(np.prod(t.shape)) * 2  # bf16/f16 source
-        bar.update(
-            task,
-            advance=1,
-            info=f"{t.name} {t.type} {src / 2**20:.1f}->{t.nbytes / 2**20:.1f} MiB, {bits_per_weight(done):.2f} bpw",
-        )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=as_json,
-        transient=True,  # an error then stays the one line printed
-    ) as bar:
-        task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan), info="")
-        reports: list[LayerReport] = []
-
-        def layer_done(rep: LayerReport) -> None:
-            reports.append(rep)
-            if not as_json:
-                _print_layer(bar.console, opts.method, rep, opts.cal.damp)
-
-        convert(ckpt, out, opts, imatrix, progress=advance, layer_report=layer_done)
-    result: dict[str, object] = {
-        "output": str(out),
-        "bytes": out.stat().st_size,
-        "payload_bytes": total,
-        "method": opts.method,
-        "tensors": rows,
-    }
-    if reports:
-        result["layers"] = [layer_json(r) for r in reports]
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(plan)} tensors)")

@@ -74,7 +74,7 @@ def _commands(tmp_path: Path) -> list[tuple[list[str], str]]:
     """Each command, with the library call it makes first (patched to raise)."""
     model = tmp_path / "m.gguf"
     return [
-        (["convert", str(tmp_path), "--dry-run"], "ggq.convert.run_cli"),
+        (["convert", str(tmp_path), "--dry-run"], "ggq.convert_cli.run_cli"),
         (["ppl", str(model)], "ggq.ppl.run_cli"),
         (["chat", str(model), "-p", "hi"], "ggq.chat.ChatSession"),
         (["bench", str(model)], "ggq.bench.run_cli"),

@@ -1,0 +1,144 @@
+"""`ggq convert` on the terminal: the plan as a table or JSON (``--dry-run``), a progress bar and
+one line per solved layer while the file is written, then the result (or its JSON).
+
+The conversion itself is ``ggq.convert``; this module only shows it. The tensor plan is made
+once here and handed to ``convert``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ggq.checkpoint import Checkpoint, resolve
+from ggq.convert import (
+    ConvertError,
+    ConvertOptions,
+    PlannedTensor,
+    bits_per_weight,
+    convert,
+    default_output_name,
+    make_plan,
+)
+from ggq.imatrix import load_imatrix
+from ggq.solvers.layerwise import LayerReport
+
+
+def _exponents(ax: float, aw: float) -> str:
+    return f"x^{ax:.2f}" + (f"/w^{aw:.2f}" if aw else "")
+
+
+def layer_line(method: str, rep: LayerReport, damp: float) -> str:
+    errs = "  ".join(f"{k} {a:.4f}->{b:.4f}" for k, (a, b) in rep.errors.items())
+    alphas = "  ".join(f"{k} {_exponents(ax, aw)}" for k, (ax, aw) in rep.alphas.items())
+    raised = "  ".join(f"{k} {d:g}" for k, d in rep.damp.items() if d > damp)
+    line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
+    line += f"  awq scales: {alphas}" if alphas else ""
+    line += f"  damping raised (H not positive definite at {damp:g}): {raised}" if raised else ""
+    return line
+
+
+def layer_json(rep: LayerReport) -> dict[str, object]:
+    return {
+        "layer": rep.layer,
+        "seconds": round(rep.seconds, 3),
+        "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
+        "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
+        **({"gptq_damp": rep.damp} if rep.damp else {}),
+    }
+
+
+def plan_json(plan: list[PlannedTensor]) -> list[dict[str, object]]:
+    return [{"name": t.name, "shape": list(t.shape), "type": t.type, "bytes": t.nbytes} for t in plan]
+
+
+def _print_plan(plan: list[PlannedTensor]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("tensor", "shape", "type", "bytes", "bpw")
+    for t in plan:
+        table.add_row(
+            t.name, " x ".join(map(str, t.shape)), t.type, f"{t.nbytes:,}", f"{bits_per_weight([t]):.2f}"
+        )
+    table.add_section()
+    total = sum(t.nbytes for t in plan)
+    table.add_row(
+        f"total ({len(plan)} tensors)",
+        "",
+        "",
+        f"{total:,} ({total / 2**20:.1f} MiB)",
+        f"{bits_per_weight(plan):.2f}",
+    )
+    Console().print(table)
+
+
+def _write(
+    ckpt: Checkpoint, out: Path, opts: ConvertOptions, plan: list[PlannedTensor], as_json: bool
+) -> list[LayerReport]:
+    """Convert under a progress bar (none with --json); returns the solved layers' reports."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else None
+    done: list[PlannedTensor] = []
+    reports: list[LayerReport] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=as_json,
+        transient=True,  # an error then stays the one line printed
+    ) as bar:
+        task = bar.add_task(f"{ckpt.path.name} -> {out.name}", total=len(plan), info="")
+
+        def advance(t: PlannedTensor) -> None:
+            done.append(t)
+            src = int(np.prod(t.shape)) * 2  # bf16/f16 source
+            info = f"{t.name} {t.type} {src / 2**20:.1f}->{t.nbytes / 2**20:.1f} MiB, {bits_per_weight(done):.2f} bpw"
+            bar.update(task, advance=1, info=info)
+
+        def layer_done(rep: LayerReport) -> None:
+            reports.append(rep)
+            if not as_json:
+                bar.console.print(layer_line(opts.method, rep, opts.cal.damp))
+
+        convert(ckpt, out, opts, imatrix, progress=advance, layer_report=layer_done, plan=plan)
+    return reports
+
+
+def run_cli(
+    model: str, output: Path | None, opts: ConvertOptions, dry_run: bool, as_json: bool, force: bool
+) -> None:
+    from rich.console import Console
+
+    ckpt = Checkpoint(resolve(model))
+    out = output or Path(default_output_name(ckpt, opts.file_type))
+    plan = make_plan(ckpt, opts)  # refuses what the solver cannot target before any output
+    if dry_run:
+        if as_json:
+            print(json.dumps({"output": str(out), "tensors": plan_json(plan)}, indent=2))
+        else:
+            _print_plan(plan)
+        return
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (use --force to overwrite)")
+    reports = _write(ckpt, out, opts, plan, as_json)
+    if not as_json:
+        Console(stderr=True).print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(plan)} tensors)")
+        return
+    result: dict[str, Any] = {
+        "output": str(out),
+        "bytes": out.stat().st_size,
+        "payload_bytes": sum(t.nbytes for t in plan),
+        "method": opts.method,
+        "tensors": plan_json(plan),
+    }
+    if reports:
+        result["layers"] = [layer_json(r) for r in reports]
+    print(json.dumps(result, indent=2))
