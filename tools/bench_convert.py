@@ -13,6 +13,15 @@ stays small (the checkpoint is built in a subprocess, torch is never imported he
 
     .venv/bin/python tools/bench_convert.py                 # ~1.8 GB checkpoint
     .venv/bin/python tools/bench_convert.py --layers 2 --hidden 512   # a quick smoke run
+
+``--encoders`` instead times the two C encoders of one real-size tensor (12288 rows of 4096, the
+shape of Qwen3-8B's ffn_gate/ffn_up) on one thread each: ggml's own ``ggml_quantize_chunk``
+(libggml-base of the native build, through ctypes, as the tests call it) and ggq's ``_quants``.
+Both get the same rows in one call, with and without an importance matrix; the bytes must be
+equal (exit 1 otherwise), and the time is the calling thread's CPU time (the best of
+``--repeat``), so other processes on the machine slow neither side:
+
+    .venv/bin/python tools/bench_convert.py --encoders --types Q4_K,Q6_K,Q4_0,IQ4_XS
 """
 
 from __future__ import annotations
@@ -23,12 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ggq import native
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.ggml_ref: ggml's quantizer through ctypes, the tests' reference
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,40 @@ def measure(label: str, cmd: list[str], threads: int) -> Run:
     return Run(label, seconds, usage.ru_maxrss / 1024)
 
 
+def _cpu_seconds(fn: Callable[[], np.ndarray], repeat: int) -> tuple[float, np.ndarray]:
+    """The best CPU time of this thread over ``repeat`` calls, and the last result."""
+    best, out = float("inf"), np.empty(0, np.uint8)
+    for _ in range(repeat):
+        start = time.thread_time()
+        out = fn()
+        best = min(best, time.thread_time() - start)
+    return best, out
+
+
+def bench_encoders(types: list[str], n_rows: int, n_per_row: int, repeat: int) -> int:
+    from ggq import _quants, ggml
+    from tests import ggml_ref
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((n_rows, n_per_row), dtype=np.float32) * 0.02  # weight-like scale
+    rows[rng.random(rows.shape) < 1e-3] *= 8  # a few outliers, as trained weights have
+    imatrix = (rng.standard_normal(n_per_row, dtype=np.float32) ** 2 + 0.1).astype(np.float32)
+    print(f"{n_rows} x {n_per_row} float32, one thread per encoder, best CPU time of {repeat}")
+    print(f"{'type':8s} {'imatrix':8s} {'ggml s':>8s} {'_quants s':>10s} {'ggml/_quants':>13s}  bytes")
+    same = True
+    for name in types:
+        type_id = ggml.ggml_type(name).type_id
+        for imat in (None, imatrix):
+            t_ggml, ref = _cpu_seconds(lambda: ggml_ref.quantize(rows, type_id, imat), repeat)  # noqa: B023
+            t_ours, ours = _cpu_seconds(lambda: _quants.quantize(name, rows, imat, 1), repeat)  # noqa: B023
+            equal = bool(np.array_equal(ref, ours))
+            same &= equal
+            label = "no" if imat is None else "yes"
+            verdict = "equal" if equal else "DIFFER"
+            print(f"{name:8s} {label:8s} {t_ggml:8.3f} {t_ours:10.3f} {t_ggml / t_ours:12.2f}x  {verdict}")
+    return 0 if same else 1
+
+
 def checkpoint_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -64,7 +111,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--type", default="Q4_K_M")
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temporary directory)")
+    parser.add_argument(
+        "--encoders", action="store_true", help="time ggml_quantize_chunk against ggq._quants"
+    )
+    parser.add_argument("--types", default="Q4_K,Q6_K,Q4_0,IQ4_XS", help="with --encoders: ggml types")
+    parser.add_argument("--rows", type=int, default=12288, help="with --encoders: rows of the tensor")
+    parser.add_argument("--cols", type=int, default=4096, help="with --encoders: values per row")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="with --encoders: timings per encoder (best kept)"
+    )
     args = parser.parse_args()
+    if args.encoders:
+        return bench_encoders(args.types.split(","), args.rows, args.cols, args.repeat)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
