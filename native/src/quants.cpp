@@ -4,7 +4,8 @@
 //
 // rows: float32, C-contiguous, (n_rows, n_per_row); imatrix: None or float32 (n_per_row,);
 // n_threads: 0 for all cores. Rows are split across std::threads with the GIL released.
-// The kernels are in quants_kernels.h.
+// The kernels are in quants/ (one header per family, as ggq/ggml/: legacy.h, kquants.h, iq4.h,
+// on floats.h, lanes.h and search.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -15,7 +16,9 @@
 #include <thread>
 #include <vector>
 
-#include "quants_kernels.h"
+#include "quants/iq4.h"
+#include "quants/kquants.h"
+#include "quants/legacy.h"
 
 namespace py = pybind11;
 
