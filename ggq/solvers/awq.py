@@ -96,6 +96,21 @@ def output_error(
     return loss
 
 
+def column_errors(
+    weights: list[tuple[np.ndarray, str]], h: torch.Tensor, mean_sq: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """(n_in,) float64 share of each input column in :func:`output_error`: sum over the linears'
+    rows of e * (e H), which adds up to the output error (cross-column terms included; summed
+    in another order, so the last bits may differ)."""
+    importance = (mean_sq / cols**2).astype(np.float32)
+    per_col = np.zeros(len(cols), np.float64)
+    for w, type_name in weights:
+        q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
+        e = torch.from_numpy(w - q).to(h.device)  # (rows, n_in)
+        per_col += ((e @ h) * e).sum(0, dtype=torch.float64).cpu().numpy()  # one thread per column
+    return per_col
+
+
 def _per_channel(values: np.ndarray, channel: np.ndarray) -> np.ndarray:
     """Mean of per-column ``values`` over the columns sharing a scale."""
     n_ch = int(channel.max()) + 1
@@ -127,6 +142,62 @@ def search_scales(
             if loss < best.loss:
                 best = ScaleResult(s, (alpha, 1 - alpha if duo else 0.0), loss, plain)
     return best
+
+
+def refine_scales(
+    weights: list[tuple[np.ndarray, str]],
+    h: torch.Tensor,
+    mean_sq: np.ndarray,
+    channel: np.ndarray,
+    start: ScaleResult,
+    steps: tuple[float, ...] = (1.2, 1.1),
+    stride: int = 4,
+    unit: int = 32,
+) -> ScaleResult:
+    """Per-channel coordinate descent from the grid's best scales, the block quantizer in the loop.
+
+    A sweep per factor g in ``steps``: the channels are split into ``stride`` interleaved sets
+    (every ``unit`` columns hold ``unit / stride`` columns of a set). A set's scales are tried
+    times g and divided by g; a channel takes the better trial when it lowers the output error of
+    the ``unit``-column blocks holding its columns (column_errors: the blocks' shares, cross-block
+    terms included, split evenly among the moved columns of a block). The set's moves are kept
+    only when the whole output error falls, so the result is never worse than ``start``."""
+    n_in = len(channel)
+    if n_in % unit:
+        return start
+    n_ch = len(start.scales)
+    unit_of = np.arange(n_in) // unit  # (n_in,)
+    s = start.scales.astype(np.float64)
+    cur = column_errors(weights, h, mean_sq, s[channel].astype(np.float32))
+    loss = float(np.sum(cur))
+    for g in steps:
+        for k in range(stride):
+            trial_set = np.arange(n_ch) % stride == k  # (n_ch,)
+            moved = trial_set[channel]  # (n_in,) the columns whose scale moves
+            in_unit = np.bincount(unit_of, weights=moved.astype(np.float64))[unit_of]
+            base = np.bincount(unit_of, weights=cur)
+            gains = []
+            for f in (g, 1 / g):
+                err = column_errors(
+                    weights, h, mean_sq, np.where(trial_set, s * f, s)[channel].astype(np.float32)
+                )
+                share = np.where(
+                    moved, (np.bincount(unit_of, weights=err) - base)[unit_of] / in_unit.clip(1), 0.0
+                )
+                gains.append(np.bincount(channel, weights=share, minlength=n_ch))  # (n_ch,)
+            up = gains[0] <= gains[1]
+            factor = np.where(trial_set & (np.minimum(gains[0], gains[1]) < 0), np.where(up, g, 1 / g), 1.0)
+            if np.all(factor == 1.0):
+                continue
+            t = s * factor
+            err = column_errors(weights, h, mean_sq, t[channel].astype(np.float32))
+            if float(np.sum(err)) < loss:
+                s, cur, loss = t, err, float(np.sum(err))
+    found = s.astype(np.float32)
+    final = output_error(weights, h, mean_sq, found[channel])  # the grid's measure of the same error
+    if final >= start.loss:
+        return start
+    return ScaleResult(found, start.exponents, final, start.loss_plain)
 
 
 def refit_norm(

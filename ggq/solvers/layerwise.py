@@ -53,6 +53,9 @@ class SolverOptions:
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
     batch: int = 8  # calibration windows per forward batch (bounds activation memory)
     awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1}
+    refine_scales: bool = (
+        False  # AWQ: per-channel coordinate descent from the grid's best (awq.refine_scales)
+    )
     refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
     clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
@@ -194,6 +197,8 @@ class _Layer:
         found = awq.search_scales(
             weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
         )
+        if self.opts.refine_scales:
+            found = awq.refine_scales(weights, stats.h_sample, stats.mean_sq, channel, found)
         self.rep.alphas[prev] = found.exponents
         awq.fold(self.w, group, torch.from_numpy(found.scales), channel)
         self.refresh(group.prev, *group.linears)
