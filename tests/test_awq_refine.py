@@ -101,3 +101,31 @@ def test_refinement_is_deterministic() -> None:
     )
     a, b = (awq.refine_scales(weights, h, mean_sq, np.arange(256), grid) for _ in range(2))
     assert a.scales.tobytes() == b.scales.tobytes() and a.loss == b.loss
+
+
+def test_refinement_does_not_depend_on_torch_threads() -> None:
+    """column_errors sums over rows (one thread per column) and output_error in a fixed order:
+    the refined scales are the same bits at 1, 2 and 4 torch threads, on 12288 tokens of
+    ffn_down-wide input (a plain X^T X that long already differs between thread counts)."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((12288, 512)).astype(np.float32) * (1 + 3 * rng.random(512)).astype(np.float32)
+    w = (rng.standard_normal((256, 512)) * 0.02).astype(np.float32)
+    mean_sq = (x**2).mean(0)
+    before = torch.get_num_threads()
+    found = {}
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            h = torch.from_numpy(x.T @ x)  # the same bits: numpy's product, not torch's
+            grid = awq.search_scales(
+                [(w, "Q4_K")], h, np.abs(x).mean(0).astype(np.float64), mean_sq, np.arange(512), grid=4
+            )
+            r = awq.refine_scales([(w, "Q4_K")], h, mean_sq, np.arange(512), grid)
+            found[n] = (
+                r.scales.tobytes(),
+                r.loss,
+                awq.column_errors([(w, "Q4_K")], h, mean_sq, r.scales).tobytes(),
+            )
+    finally:
+        torch.set_num_threads(before)
+    assert found[2] == found[1] and found[4] == found[1]
