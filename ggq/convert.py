@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,8 +26,18 @@ from ggq.gguf.writer import GGUFWriter
 from ggq.imatrix import save_imatrix
 from ggq.plan import recipe
 from ggq.plan.recipe import FileType
-from ggq.solvers.layerwise import LayerReport, SolverOptions, check_targets, resolve_device, solve_layers
-from ggq.solvers.method import METHODS, Method, calibrated_list, method
+from ggq.solvers.method import CALIBRATED, METHODS, Method, calibrated_list, method
+from ggq.solvers.options import (
+    DEVICES,
+    LayerReport,
+    SolverError,
+    SolverOptions,
+    check_targets,
+    resolve_device,
+)
+
+if TYPE_CHECKING:
+    from ggq.solvers.layerwise import LayerResult
 
 
 class ConvertError(GGQError, ValueError):
@@ -207,6 +218,19 @@ def solved_layers(
         yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
 
 
+def solve_layers(
+    ckpt: Checkpoint,
+    tokens: np.ndarray,
+    types: dict[str, str],
+    opts: SolverOptions,
+    report: Callable[[LayerReport], None] | None,
+) -> Iterator[tuple[int, LayerResult]]:
+    """The layer-by-layer solver, imported on first use: it loads torch, which RTN never needs."""
+    from ggq.solvers import layerwise
+
+    return layerwise.solve_layers(ckpt, tokens, types, opts, report)
+
+
 def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
 
@@ -303,7 +327,10 @@ def cli_options(
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
     cal = cal or CalibOptions()
-    resolve_device(cal.device)  # --device cuda without CUDA: one line before anything is read
+    if cal.device not in DEVICES:
+        raise SolverError(f"--device {cal.device}: unknown; known: {', '.join(DEVICES)}")
+    if cal.device == "cuda" or method in CALIBRATED:
+        resolve_device(cal.device)  # --device cuda without CUDA: one line before anything is read
     if cal.dataset:
         if cal.calib:
             raise ConvertError("--calib and --calib-dataset: give one of them")

@@ -24,7 +24,7 @@ from ggq.convert import (
     make_plan,
 )
 from ggq.imatrix import load_imatrix
-from ggq.solvers.layerwise import LayerReport
+from ggq.solvers.options import LayerReport
 
 
 def _exponents(ax: float, aw: float) -> str:

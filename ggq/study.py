@@ -122,7 +122,7 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
     ``auto`` device resolved, since CUDA arithmetic changes bytes) where the method reads them,
     ggq's version and source digest and the llama.cpp build. Not keyed: ``threads`` (the output
     does not depend on the thread count) and ``save_imatrix`` (a second output, not an input)."""
-    from ggq.solvers.layerwise import resolve_device
+    from ggq.solvers.options import resolve_device
 
     doc: dict[str, Any] = {
         "model": model_digest,

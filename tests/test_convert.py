@@ -4,6 +4,7 @@ equal transformers', its tokenizer equals Hugging Face's, and llama-quantize pla
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,31 @@ def test_truncated_safetensors_is_named(checkpoint, tmp_path: Path) -> None:
         result.exit_code == 2 and "model.safetensors: tensor" in result.output and "corrupt" in result.output
     )
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("args", [["--type", "Q4_K_M"], ["--type", "Q4_0", "--dry-run"]])
+def test_rtn_convert_never_imports_torch(checkpoint, tmp_path: Path, args: list[str]) -> None:
+    # torch is ~200 MiB of resident memory that RTN does not use: on a real-size (MoE) checkpoint
+    # it was two thirds of ggq convert's whole peak RSS
+    out = tmp_path / "rtn.gguf"
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "ggq.cli",
+        "convert",
+        str(checkpoint("tied")),
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "ggq.convert" in imported  # the check sees ggq's own imports, so it would see torch's
+    assert "torch" not in imported
+    assert out.exists() != ("--dry-run" in args)

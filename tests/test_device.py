@@ -19,7 +19,8 @@ from ggq.convert import CalibOptions, ConvertOptions, convert
 from ggq.gguf import read_gguf
 from ggq.plan import recipe as rc
 from ggq.solvers.gptq import SolverError
-from ggq.solvers.layerwise import LayerReport, SolverOptions, _Layer, resolve_device
+from ggq.solvers.layerwise import LayerReport, SolverOptions, _Layer
+from ggq.solvers.options import resolve_device
 
 SMALL = {"nsamples": 4, "seqlen": 64}
 

@@ -22,19 +22,10 @@ import numpy as np
 import torch
 
 from ggq import ggml
-from ggq.errors import GGQError
+from ggq.solvers.options import SolverError, supported_types
 from ggq.solvers.reductions import one_thread
 
 F32 = np.float32
-
-
-class SolverError(GGQError, ValueError):
-    """A tensor or Hessian the solver cannot handle; names what is wrong."""
-
-
-def supported_types() -> list[str]:
-    """The types whose codes a solver can choose (a code grid in ggq.ggml), in registration order."""
-    return [name for name, fmt in ggml.FORMATS.items() if fmt.grid is not None]
 
 
 @dataclass(frozen=True)

@@ -39,56 +39,9 @@ import torch
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq
-from ggq.solvers.gptq import SolverError, Target, gptq, supported_types
-from ggq.solvers.method import CALIBRATED, Method, method
+from ggq.solvers.gptq import Target, gptq
+from ggq.solvers.options import LayerReport, SolverError, SolverOptions, check_targets
 from ggq.solvers.reductions import gram
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    method: str = "gptq"  # one of method.CALIBRATED
-    damp: float = 0.01
-    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
-    batch: int = 8  # calibration windows per forward batch (bounds activation memory)
-    awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1}
-    refine_scales: bool = (
-        False  # AWQ: per-channel coordinate descent from the grid's best (awq.refine_scales)
-    )
-    refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
-    clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
-    search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
-    device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
-
-    @property
-    def kind(self) -> Method:
-        return method(self.method)
-
-
-@dataclass
-class LayerReport:
-    layer: int
-    seconds: float = 0.0
-    # linear -> (relative output error of RTN with the same block type, of the solver)
-    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # AWQ: scaled group (named by the tensor folded into) -> exponents of mean|x| and 1/mean|w|
-    alphas: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # GPTQ: linear -> the damping it used (the requested one, or raised until H was positive definite)
-    damp: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` where torch sees a CUDA device, else ``cpu``; ``cuda`` without one is
-    an error naming the torch build."""
-    if name not in DEVICES:
-        raise SolverError(f"--device {name}: unknown; known: {', '.join(DEVICES)}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "built without CUDA"
-        raise SolverError(f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, {build})")
-    return "cuda"
 
 
 def hessian(x: torch.Tensor) -> np.ndarray:
@@ -132,18 +85,6 @@ def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     num = float(np.sum((e @ h) * e))
     den = float(np.sum((w.astype(np.float64) @ h) * w))
     return float(np.sqrt(num / den)) if den > 0 else 0.0
-
-
-def check_targets(types: dict[str, str], name: str = "gptq") -> None:
-    """Every layer linear must be a type the method can target (before any work starts)."""
-    if name not in CALIBRATED:
-        raise SolverError(f"unknown calibration method {name!r}; known: {', '.join(CALIBRATED)}")
-    uses_gptq = method(name).uses_gptq
-    ok = set(supported_types()) if uses_gptq else set(ggml.FORMATS)
-    solver = "GPTQ" if uses_gptq else "AWQ"
-    for name, t in types.items():
-        if name.startswith("blk.") and t not in ggml.FLOAT_TYPES and t not in ok:
-            raise SolverError(f"{name}: {solver} cannot target {t}; supported: {', '.join(sorted(ok))}")
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batch: int) -> torch.Tensor:
