@@ -28,10 +28,9 @@ from ggq.plan import recipe
 from ggq.plan.recipe import FileType
 from ggq.solvers.method import CALIBRATED, METHODS, Method, calibrated_list, method
 from ggq.solvers.options import (
-    DEVICES,
     LayerReport,
-    SolverError,
     SolverOptions,
+    check_device,
     check_targets,
     resolve_device,
 )
@@ -327,8 +326,7 @@ def cli_options(
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
     cal = cal or CalibOptions()
-    if cal.device not in DEVICES:
-        raise SolverError(f"--device {cal.device}: unknown; known: {', '.join(DEVICES)}")
+    check_device(cal.device)
     if cal.device == "cuda" or method in CALIBRATED:
         resolve_device(cal.device)  # --device cuda without CUDA: one line before anything is read
     if cal.dataset:

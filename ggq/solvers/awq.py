@@ -13,6 +13,7 @@ square) of the scaled input, as the final encoder will quantize it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,13 +88,21 @@ def output_error(
 ) -> float:
     """sum_i ||X (W_i - Q(W_i * cols) / cols)^T||^2 from H = X^T X (on any device), with the
     quantizer's importance the mean square of the scaled input X / cols."""
-    importance = (mean_sq / cols**2).astype(np.float32)
     loss = 0.0
-    for w, type_name in weights:
-        q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
-        e = torch.from_numpy(w - q).to(h.device)  # (rows, n_in)
+    for e in _weight_errors(weights, mean_sq, cols, h.device):
         loss += total((e @ h) * e)
     return loss
+
+
+def _weight_errors(
+    weights: list[tuple[np.ndarray, str]], mean_sq: np.ndarray, cols: np.ndarray, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Per linear, ``W - Q(W * cols) / cols`` (rows, n_in) on ``device``: what the block quantizer
+    loses under the column scales ``cols``, importance the mean square of the scaled input."""
+    importance = (mean_sq / cols**2).astype(np.float32)
+    for w, type_name in weights:
+        q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
+        yield torch.from_numpy(w - q).to(device)
 
 
 def column_errors(
@@ -102,11 +111,8 @@ def column_errors(
     """(n_in,) float64 share of each input column in :func:`output_error`: sum over the linears'
     rows of e * (e H), which adds up to the output error (cross-column terms included; summed
     in another order, so the last bits may differ)."""
-    importance = (mean_sq / cols**2).astype(np.float32)
     per_col = np.zeros(len(cols), np.float64)
-    for w, type_name in weights:
-        q = quantized_weights(w * cols[None, :], type_name, importance) / cols[None, :]
-        e = torch.from_numpy(w - q).to(h.device)  # (rows, n_in)
+    for e in _weight_errors(weights, mean_sq, cols, h.device):
         per_col += ((e @ h) * e).sum(0, dtype=torch.float64).cpu().numpy()  # one thread per column
     return per_col
 

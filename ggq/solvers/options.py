@@ -54,11 +54,16 @@ class LayerReport:
     damp: dict[str, float] = field(default_factory=dict)
 
 
+def check_device(name: str) -> None:
+    """A known ``--device`` name (checked without torch)."""
+    if name not in DEVICES:
+        raise SolverError(f"--device {name}: unknown; known: {', '.join(DEVICES)}")
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` where torch sees a CUDA device, else ``cpu``; ``cuda`` without one is
     an error naming the torch build."""
-    if name not in DEVICES:
-        raise SolverError(f"--device {name}: unknown; known: {', '.join(DEVICES)}")
+    check_device(name)
     import torch  # only here: choosing a device is the first thing that needs it
 
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
