@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ggq import ggml
+from ggq.solvers.options import timed
 from ggq.solvers.reductions import gram, one_thread, total
 
 
@@ -72,7 +73,8 @@ def candidate_scales(x_mean: np.ndarray, w_mean: np.ndarray | None, alpha: float
 
 def quantized_weights(w: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
     """What llama.cpp decodes after encoding ``w`` (rows, cols) in ``type_name``."""
-    return ggml.dequantize(ggml.quantize(w, type_name, importance, n_threads=0), type_name, w.shape[1])
+    with timed("encode"):
+        return ggml.dequantize(ggml.quantize(w, type_name, importance, n_threads=0), type_name, w.shape[1])
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ggq import ggml
-from ggq.solvers.options import SolverError, supported_types
+from ggq.solvers.options import SolverError, supported_types, timed
 from ggq.solvers.reductions import one_thread
 
 F32 = np.float32
@@ -55,13 +55,15 @@ class Target:
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None) -> GroupFit:
         """Scales for ``w`` (rows, group) float32, as ggml's (imatrix) encoder chooses them."""
-        raw = ggml.quantize(w, self.name, importance)  # (rows, type_size)
-        levels = self.grid.levels(raw)  # (n_sub, rows, n_codes)
+        with timed("encode"):
+            raw = ggml.quantize(w, self.name, importance)  # (rows, type_size)
+            levels = self.grid.levels(raw)  # (n_sub, rows, n_codes)
         return GroupFit(np.ascontiguousarray(levels, dtype=F32), self.sub, raw)
 
     def pack(self, fit: GroupFit, codes: np.ndarray) -> np.ndarray:
         """``codes`` (rows, group) uint8 -> the rows' block bytes (rows, type_size)."""
-        return self.grid.pack(fit.raw, codes)
+        with timed("encode"):
+            return self.grid.pack(fit.raw, codes)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq
 from ggq.solvers.gptq import Target, gptq
-from ggq.solvers.options import LayerReport, SolverError, SolverOptions, check_targets
+from ggq.solvers.options import LayerReport, SolverError, SolverOptions, check_targets, clock, timed
 from ggq.solvers.reductions import gram
 
 
@@ -88,7 +88,8 @@ def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(h[i : i + batch]) for i in range(0, h.shape[0], batch)])
+    with timed("forward"):
+        return torch.cat([fn(h[i : i + batch]) for i in range(0, h.shape[0], batch)])
 
 
 @dataclass
@@ -121,7 +122,8 @@ class _Layer:
         self.refresh(name)
 
     def stats(self, x: torch.Tensor) -> InputStats:
-        return InputStats.of(x, self.opts.search_tokens, full=self.opts.kind.uses_gptq)
+        with timed("stats"):
+            return InputStats.of(x, self.opts.search_tokens, full=self.opts.kind.uses_gptq)
 
     def scale(self, prev: str, x: Callable[[], torch.Tensor]) -> bool:
         """AWQ: search the scales of the group fed by ``prev`` on its linears' input ``x()`` and
@@ -131,9 +133,15 @@ class _Layer:
         if not self.opts.kind.scales_activations or not quantized:
             return False
         xs = x()
-        stats = InputStats.of(xs, self.opts.search_tokens, full=False)
-        hp = self.hp
-        channel = awq.channel_map(group, xs.shape[-1], hp.n_head, hp.n_head_kv, hp.head_dim)
+        with timed("stats"):
+            stats = InputStats.of(xs, self.opts.search_tokens, full=False)
+        with timed("solve"):
+            self._search(group, quantized, xs.shape[-1], stats)
+        return True
+
+    def _search(self, group: awq.ScaleGroup, quantized: list[str], n_in: int, stats: InputStats) -> None:
+        hp, prev = self.hp, group.prev
+        channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
         weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
         found = awq.search_scales(
             weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
@@ -145,28 +153,34 @@ class _Layer:
         self.refresh(group.prev, *group.linears)
         for n in group.linears:
             self.col_scale[n] = found.scales[channel]
-        return True
 
     def quantize(self, names: tuple[str, ...], stats: InputStats) -> None:
         """Encode linears reading the input of ``stats``; their weights become the decoded ones."""
         for name in names:
             t, wn = self.types[name], self.w[name].numpy()
             if t in ggml.FLOAT_TYPES:
-                data = ggml.quantize(wn, t)
-                q = ggml.dequantize(data, t, wn.shape[1])
+                with timed("encode"):
+                    data = ggml.quantize(wn, t)
+                    q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.kind.uses_gptq:
                 assert stats.h_full is not None
-                res = gptq(wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order)
+                with timed("solve"):
+                    res = gptq(
+                        wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order
+                    )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
             else:
-                wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
-                data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
-                q = ggml.dequantize(data, t, wn.shape[1])
+                with timed("solve"):
+                    wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
+                with timed("encode"):
+                    data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
+                    q = ggml.dequantize(data, t, wn.shape[1])
             if t not in ggml.FLOAT_TYPES:
-                s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
-                rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
-                self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
+                with timed("diag"):
+                    s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
+                    rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
+                    self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
             self.out[name] = data
             self.unquantized[name] = wn
             self.act_sums[name] = (stats.sum_sq, stats.tokens)
@@ -177,7 +191,8 @@ class _Layer:
         if not (self.opts.kind.scales_activations and self.opts.refit_norms):
             return False
         pairs = [(self.unquantized[n], self.w[n].numpy()) for n in names]
-        u = awq.refit_norm(pairs, stats.h_sample)  # (n_in,) float32
+        with timed("solve"):
+            u = awq.refit_norm(pairs, stats.h_sample)  # (n_in,) float32
         self.set(norm, self.w[norm] * torch.from_numpy(u))
         for n in names:  # the linears now read x * u
             sums, tokens = self.act_sums[n]
@@ -185,8 +200,9 @@ class _Layer:
         return True
 
     def finish_norms(self) -> None:
-        for name in ("attn_norm", "ffn_norm"):
-            self.out[name] = ggml.quantize(self.w[name].numpy()[None, :], self.types[name])
+        with timed("encode"):
+            for name in ("attn_norm", "ffn_norm"):
+                self.out[name] = ggml.quantize(self.w[name].numpy()[None, :], self.types[name])
 
 
 @dataclass(frozen=True)
@@ -227,19 +243,24 @@ def solve_layer(
         x = _batched(attn_in, h, opts.batch)  # the norm changed; otherwise x is still current
     x = _batched(o_in, x, opts.batch)
     L.quantize(("attn_output",), L.stats(x))
-    h = h + x @ d["attn_output"].T
-    x = qwen3.mlp_input(h, d, hp)
+
+    def forward(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with timed("forward"):
+            return fn()
+
+    h = forward(lambda: h + x @ d["attn_output"].T)
+    x = forward(lambda: qwen3.mlp_input(h, d, hp))
     if L.scale("ffn_norm", lambda: x):
-        x = qwen3.mlp_input(h, d, hp)
+        x = forward(lambda: qwen3.mlp_input(h, d, hp))
     st = L.stats(x)
     L.quantize(("ffn_gate",), st)
-    L.scale("ffn_up", lambda: qwen3.mlp_core(x, d))
+    L.scale("ffn_up", lambda: forward(lambda: qwen3.mlp_core(x, d)))
     L.quantize(("ffn_up",), st)
     if L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st):
-        x = qwen3.mlp_input(h, d, hp)
-    x = qwen3.mlp_core(x, d)
+        x = forward(lambda: qwen3.mlp_input(h, d, hp))
+    x = forward(lambda: qwen3.mlp_core(x, d))
     L.quantize(("ffn_down",), L.stats(x))
-    out = h + x @ d["ffn_down"].T  # the quantized layer's output feeds the next layer
+    out = forward(lambda: h + x @ d["ffn_down"].T)  # the quantized layer's output feeds the next layer
     if not torch.isfinite(out).all():
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
     if opts.kind.scales_activations:
@@ -263,7 +284,10 @@ def solve_layers(
         for i in range(hp.n_layer):
             start = time.perf_counter()
             rep = LayerReport(i)
-            h, result = solve_layer(h, qwen3.load_layer(ckpt, i), hp, rope, types, opts, rep)
+            with clock(rep.times):
+                with timed("load"):
+                    w = qwen3.load_layer(ckpt, i)
+                h, result = solve_layer(h, w, hp, rope, types, opts, rep)
             rep.seconds = time.perf_counter() - start
             if report:
                 report(rep)

@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from ggq import ggml
@@ -11,6 +15,8 @@ from ggq.errors import GGQError
 from ggq.solvers.method import CALIBRATED, Method, method
 
 DEVICES = ("auto", "cpu", "cuda")
+# the parts of a layer's time in LayerReport.times
+PARTS = ("load", "forward", "stats", "solve", "encode", "diag")
 
 
 class SolverError(GGQError, ValueError):
@@ -52,6 +58,51 @@ class LayerReport:
     alphas: dict[str, tuple[float, float]] = field(default_factory=dict)
     # GPTQ: linear -> the damping it used (the requested one, or raised until H was positive definite)
     damp: dict[str, float] = field(default_factory=dict)
+    # part (PARTS) -> seconds spent in it: reading the layer's weights, forward passes, input
+    # statistics (X^T X, means), solver loops (GPTQ, AWQ's searches and refits, less their
+    # encodes), ggml encode/decode (in and out of the loops), error diagnostics (.errors)
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Clock:
+    times: dict[str, float]
+    stack: list[list[float]] = field(default_factory=list)  # [start, seconds of nested parts]
+    parts: list[str] = field(default_factory=list)
+
+
+_CLOCK: ContextVar[_Clock | None] = ContextVar("ggq_solver_clock", default=None)
+
+
+@contextmanager
+def clock(times: dict[str, float]) -> Iterator[None]:
+    """Charge the ``timed`` parts run inside to ``times`` (part -> seconds)."""
+    token = _CLOCK.set(_Clock(times))
+    try:
+        yield
+    finally:
+        _CLOCK.reset(token)
+
+
+@contextmanager
+def timed(part: str) -> Iterator[None]:
+    """Time spent inside goes to ``part`` of the current ``clock`` (if any), less the time of
+    parts nested in it; inside ``diag`` everything is diag (what turning diagnostics off saves)."""
+    c = _CLOCK.get()
+    if c is None or (c.parts and c.parts[-1] == "diag"):
+        yield
+        return
+    c.stack.append([time.perf_counter(), 0.0])
+    c.parts.append(part)
+    try:
+        yield
+    finally:
+        start, nested = c.stack.pop()
+        c.parts.pop()
+        spent = time.perf_counter() - start
+        c.times[part] = c.times.get(part, 0.0) + spent - nested
+        if c.stack:
+            c.stack[-1][1] += spent
 
 
 def check_device(name: str) -> None:
