@@ -141,6 +141,17 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option("--token-embedding-type", help="Type of token_embd.weight.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight unquantized.")
 @click.option("--dry-run", is_flag=True, help="Print the tensor-type plan and write nothing.")
+@click.option(
+    "--target-size",
+    metavar="SIZE",
+    help="Choose each tensor's type so that the whole file fits SIZE with the least predicted KLD: "
+    "bytes, or K/M/G = KiB/MiB/GiB (1024-based, e.g. 7.42M, 4.2G).",
+)
+@click.option(
+    "--target-bpw",
+    type=float,
+    help="Like --target-size, as bits per weight of the whole file (B * weights / 8 bytes).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan / result as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option(
@@ -221,10 +232,19 @@ def convert(
     act_order: bool,
     device: str,
     save_imatrix: Path | None,
+    target_size: str | None,
+    target_bpw: float | None,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
     from ggq import convert_cli
+    from ggq.plan import budget as bud
+
+    if target_size is not None and target_bpw is not None:
+        raise UserError("--target-size and --target-bpw: give one of them")
+    req = bud.BudgetRequest(target_size, target_bpw) if target_size or target_bpw is not None else None
+    if target_size is not None:
+        bud.parse_size(target_size)  # a bad unit fails before the checkpoint is read
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
     for target in (output, save_imatrix) if not dry_run else ():
@@ -249,6 +269,7 @@ def convert(
         dry_run=dry_run,
         as_json=as_json,
         force=force,
+        budget=req,
     )
 
 

@@ -63,6 +63,9 @@ class ConvertOptions:
     threads: int = 0  # 0 = all cores
     cal: CalibOptions = field(default_factory=CalibOptions)
     save_imatrix: Path | None = None  # llama.cpp imatrix of the calibration inputs (not with rtn)
+    # per-tensor types (GGUF name, type) over the recipe's, e.g. a size-budget plan (ggq.plan.budget)
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
+    plan_kv: tuple[tuple[str, int | float | str], ...] = ()  # written as ggq.plan.KEY
 
     @property
     def kind(self) -> Method:
@@ -101,6 +104,10 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
     shape = recipe.ModelShape(hp.n_layer, hp.n_head, hp.n_head_kv, n_expert=hp.n_expert)
     specs = tensor_specs(ckpt)
     types = recipe.plan(specs, shape, opts.recipe)
+    for name, qtype in opts.tensor_overrides:
+        if name not in types:
+            raise ConvertError(f"type override for {name}: no such tensor in {ckpt.path.name}")
+        types[name] = recipe.tensor_type(qtype)
     if opts.method in METHODS and opts.kind.needs_calibration:
         check_targets(types, opts.method)  # a type the solver cannot target: refused before any output
     return [PlannedTensor(s.name, s.shape, types[s.name], ggml.nbytes(types[s.name], s.shape)) for s in specs]
@@ -284,23 +291,12 @@ def convert(
     if opts.method not in METHODS:
         raise ConvertError(f"--method {opts.method}: unknown; known: {', '.join(METHODS)}")
     _check_save_imatrix(opts.method, opts.save_imatrix)
-    ft = opts.file_type
     plan = make_plan(ckpt, opts) if plan is None else plan
     prepared = prepare_calibration(ckpt, opts) if opts.kind.needs_calibration else None
     act_sums: dict[str, tuple[np.ndarray, int]] = {}
     solved = solved_layers(ckpt, plan, prepared, opts, layer_report, act_sums) if prepared else None
-    prov = Provenance(
-        method=opts.method,
-        recipe=ft.name,
-        imatrix_file=opts.imatrix.name if opts.imatrix else None,
-        imatrix_sha256=sha256_file(opts.imatrix) if opts.imatrix else None,
-        calibration=prepared.provenance if prepared else {},
-    )
     with GGUFWriter(out) as writer:
-        for key, value in model_kv(ckpt, ft.llama_ftype, prov).items():
-            writer.add_kv(key, value)
-        for t in plan:
-            writer.add_tensor_info(t.name, t.shape, ggml.ggml_type(t.type).type_id, t.nbytes)
+        _add_header(writer, file_kv(ckpt, opts, prepared.provenance if prepared else {}), plan)
         writer.begin_data()
         _write_data(writer, ckpt, plan, solved, imatrix, opts.threads or os.cpu_count() or 1, progress)
         writer.finish()
@@ -308,6 +304,34 @@ def convert(
         source = prepared.windows.source
         save_imatrix(opts.save_imatrix, act_sums, [source], opts.cal.nsamples, opts.cal.seqlen)
     return plan
+
+
+def file_kv(ckpt: Checkpoint, opts: ConvertOptions, calibration: dict[str, object]) -> dict[str, object]:
+    """Every key/value the file gets, in order (``calibration``: SolverInput.provenance, or {})."""
+    prov = Provenance(
+        method=opts.method,
+        recipe=opts.file_type.name,
+        imatrix_file=opts.imatrix.name if opts.imatrix else None,
+        imatrix_sha256=sha256_file(opts.imatrix) if opts.imatrix else None,
+        calibration=calibration,
+    )
+    kv = model_kv(ckpt, opts.file_type.llama_ftype, prov)
+    kv.update({f"ggq.plan.{key}": value for key, value in opts.plan_kv})
+    return kv
+
+
+def _add_header(writer: GGUFWriter, kv: dict[str, object], plan: list[PlannedTensor]) -> None:
+    for key, value in kv.items():
+        writer.add_kv(key, value)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, ggml.ggml_type(t.type).type_id, t.nbytes)
+
+
+def file_size(kv: dict[str, object], plan: list[PlannedTensor]) -> int:
+    """The bytes ``convert`` writes for this plan and these key/values, computed without writing."""
+    writer = GGUFWriter(Path("unwritten.gguf"))
+    _add_header(writer, kv, plan)
+    return writer.file_size()
 
 
 def cli_options(

@@ -24,6 +24,7 @@ from ggq.convert import (
     make_plan,
 )
 from ggq.imatrix import load_imatrix
+from ggq.plan.budget import BudgetPlan, BudgetRequest, format_size, plan_budget
 from ggq.solvers.options import LayerReport
 
 
@@ -112,23 +113,66 @@ def _write(
     return reports
 
 
+def budget_json(bp: BudgetPlan) -> dict[str, object]:
+    return {
+        "budget": bp.budget,
+        "file_bytes": bp.allocation.file_bytes,
+        "predicted_kld": bp.allocation.predicted_loss,
+        "sensitivity": bp.sensitivity.key,
+        "sensitivity_cached": bp.cached,
+        "sensitivity_seconds": bp.sensitivity.seconds,
+    }
+
+
+def budget_line(bp: BudgetPlan) -> str:
+    a, s = bp.allocation, bp.sensitivity
+    how = (
+        "cached"
+        if bp.cached
+        else f"measured in {s.seconds.get('calibration_pass', 0) + s.seconds.get('probes', 0):.1f} s"
+    )
+    return (
+        f"budget {format_size(bp.budget)}: plan {format_size(a.file_bytes)} "
+        f"({100 * (bp.budget - a.file_bytes) / bp.budget:.2f} % under), predicted mean KLD {a.predicted_loss:.6f} "
+        f"(sensitivity {s.key}, {how})"
+    )
+
+
 def run_cli(
-    model: str, output: Path | None, opts: ConvertOptions, dry_run: bool, as_json: bool, force: bool
+    model: str,
+    output: Path | None,
+    opts: ConvertOptions,
+    dry_run: bool,
+    as_json: bool,
+    force: bool,
+    budget: BudgetRequest | None = None,
 ) -> None:
     from rich.console import Console
 
     ckpt = Checkpoint(resolve(model))
     out = output or Path(default_output_name(ckpt, opts.file_type))
+    bp = None
+    if budget is not None:
+        err = Console(stderr=True)
+        bp = plan_budget(
+            ckpt, opts, budget, None if as_json else lambda line: err.print(line, highlight=False)
+        )
+        opts = bp.opts
     plan = make_plan(ckpt, opts)  # refuses what the solver cannot target before any output
     if dry_run:
         if as_json:
-            print(json.dumps({"output": str(out), "tensors": plan_json(plan)}, indent=2))
+            extra = {"budget": budget_json(bp)} if bp else {}
+            print(json.dumps({"output": str(out), "tensors": plan_json(plan), **extra}, indent=2))
         else:
             _print_plan(plan)
+            if bp:
+                print(budget_line(bp))
         return
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists (use --force to overwrite)")
     reports = _write(ckpt, out, opts, plan, as_json)
+    if bp and not as_json:
+        Console(stderr=True).print(budget_line(bp), highlight=False)
     if not as_json:
         Console(stderr=True).print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {len(plan)} tensors)")
         return
@@ -139,6 +183,8 @@ def run_cli(
         "method": opts.method,
         "tensors": plan_json(plan),
     }
+    if bp:
+        result["budget"] = budget_json(bp)
     if reports:
         result["layers"] = [layer_json(r) for r in reports]
     print(json.dumps(result, indent=2))

@@ -194,6 +194,14 @@ class GGUFWriter:
         )
         self._next_offset += -(-nbytes // self.alignment) * self.alignment
 
+    def file_size(self) -> int:
+        """The size the finished file will have with the key/values and tensor infos added so far:
+        what ``begin_data`` writes (header, key/values, tensor infos, padded to the alignment) and
+        every tensor's data, each padded to the alignment."""
+        infos = sum(len(_string(t.name)) + 4 + 8 * len(t.shape) + 12 for t in self._tensors)
+        head = len(GGUF_MAGIC) + struct.calcsize("<IQQ") + sum(map(len, self._kv)) + infos
+        return -(-head // self.alignment) * self.alignment + self._next_offset
+
     def _pad(self, f: BinaryIO) -> None:
         f.write(b"\0" * (-f.tell() % self.alignment))
 
