@@ -257,3 +257,21 @@ def test_budget_out_of_range_and_bad_units_are_one_line(model: Path, prose: Path
         assert "\n" not in line and expected in line and "--target-size" in line, log
     code, log = _convert([str(model), "--target-size", "1M", "--target-bpw", "4", *calib], tmp_path)
     assert code == 2 and "give one of them" in log
+
+
+def test_target_bpw_is_bits_over_every_weight_of_the_file(model: Path, prose: Path, tmp_path: Path) -> None:
+    import json
+
+    calib = ["--calib", str(prose), "--nsamples", "4", "--seqlen", "64", "--device", "cpu"]
+    code, log = _convert([str(model), "--target-bpw", "4.5", "--dry-run", "--json", *calib], tmp_path)
+    assert code == 0, log
+    out = json.loads(log[log.index("{") :])
+    n = sum(int(np.prod(t["shape"])) for t in out["tensors"])
+    assert out["budget"]["budget"] == int(4.5 * n / 8)
+    assert (1 - bud.FILL) * out["budget"]["budget"] <= out["budget"]["file_bytes"] <= out["budget"]["budget"]
+
+
+def test_moe_budget_is_refused_in_one_line(checkpoint, prose: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    calib = ["--calib", str(prose), "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--dry-run"]
+    code, log = _convert([str(checkpoint("moe-4")), "--target-bpw", "4.5", *calib], tmp_path)
+    assert code == 2 and "MoE" in log and "\n" not in log.strip(), log
