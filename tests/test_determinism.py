@@ -2,11 +2,13 @@
 
 On the CPU build of torch (MKL, OpenMP) a long sum's last bits depend on the thread count: X^T X
 over 8192 tokens differs between 1 and 2 threads, as do MKL's Cholesky and LU factorizations.
-The solvers take those sums in a fixed order (ggq/solvers/reductions.py). Two checks:
+The solvers take those sums in a fixed order (ggq/solvers/reductions.py), and ggq turns on MKL's
+strict reproducibility mode for the other products (ggq/__init__.py). Two checks:
 
 - the files: ``ggq convert`` in separate processes, one with OMP/MKL at 1 thread and one encoder
   thread, one with torch at all cores (at least 2) and the default encoder pool, give the same
-  bytes for gptq, awq and awq+gptq at k-quant types with --act-order;
+  bytes for gptq, awq and awq+gptq at k-quant types with --act-order, and for gptq once more with
+  MKL's AVX2 kernels (a CPU without AVX-512, where plain products depend on the thread count);
 - the floats under the files: every statistic and search result the solvers decide on is the
   same bit for bit at 1, 2 and 4 torch threads (4 oversubscribes a 2-core machine), on inputs
   long enough that plain products differ. Bytes hide most last-bit differences (GPTQ rounds in
@@ -49,7 +51,15 @@ WIDE = testing.Qwen3Spec(
     tie_word_embeddings=False,
     seed=11,
 )
-CASES = (("gptq", "Q4_K_M"), ("awq", "Q3_K_M"), ("awq+gptq", "Q4_K_M"))
+# the last case runs MKL with its AVX2 kernels, as on a CPU without AVX-512: there, without
+# MKL's strict reproducibility mode (ggq/__init__.py), the attention forward's products split
+# their sums by the thread count and the gptq file differed (measured on this code before the fix)
+CASES = (
+    ("gptq", "Q4_K_M", None),
+    ("awq", "Q3_K_M", None),
+    ("awq+gptq", "Q4_K_M", None),
+    ("gptq", "Q4_K_M", "AVX2"),
+)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # the console script with torch's threads set first: a count above the cores is reachable this
 # way only (torch caps OMP_NUM_THREADS at the core count)
@@ -62,11 +72,19 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _convert(
-    model: Path, out: Path, method: str, qtype: str, torch_threads: int | None, encoders: int
+    model: Path,
+    out: Path,
+    method: str,
+    qtype: str,
+    torch_threads: int | None,
+    encoders: int,
+    isa: str | None = None,
 ) -> None:
     """``ggq convert`` in a fresh process: OMP/MKL at 1 thread (``torch_threads`` None) or torch
-    at ``torch_threads`` with the thread variables unset."""
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    at ``torch_threads`` with the thread variables unset; ``isa``: MKL's instruction set."""
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_VARS, "MKL_CBWR")}
+    if isa is not None:
+        env["MKL_ENABLE_INSTRUCTIONS"] = isa
     args = ["convert", str(model), "-o", str(out), "--method", method, "--type", qtype, "--act-order"]
     args += ["--nsamples", "8", "--seqlen", "256", "--seed", "3", "--threads", str(encoders)]
     if torch_threads is None:
@@ -94,14 +112,16 @@ def _differences(a: Path, b: Path) -> list[str]:
     return keys + tensors
 
 
-@pytest.mark.parametrize(("method", "qtype"), CASES)
-def test_convert_bytes_do_not_depend_on_threads(wide: Path, tmp_path: Path, method: str, qtype: str) -> None:
+@pytest.mark.parametrize(("method", "qtype", "isa"), CASES)
+def test_convert_bytes_do_not_depend_on_threads(
+    wide: Path, tmp_path: Path, method: str, qtype: str, isa: str | None
+) -> None:
     many = max(2, os.cpu_count() or 1)
     one_path, many_path = tmp_path / "one" / "x.gguf", tmp_path / "many" / "x.gguf"
     one_path.parent.mkdir()
     many_path.parent.mkdir()
-    _convert(wide, one_path, method, qtype, None, encoders=1)
-    _convert(wide, many_path, method, qtype, many, encoders=0)
+    _convert(wide, one_path, method, qtype, None, encoders=1, isa=isa)
+    _convert(wide, many_path, method, qtype, many, encoders=0, isa=isa)
     one, other = one_path.read_bytes(), many_path.read_bytes()
     assert one == other, f"1 vs {many} threads: {_differences(one_path, many_path)}"
     meta = read_gguf(one_path).metadata
