@@ -2,7 +2,7 @@
 
 Without ``--base`` each model is evaluated on its own, one in memory at a time. With ``--base``
 the base and every model are loaded together and evaluated chunk by chunk in one pass, each
-model's logits compared with the base's as they come (``perplexity.run_against_base``);
+model's logits compared with the base's as they come (``eval.compare.against_base``);
 ``--vs-q4_0`` adds llama.cpp's own Q4_0 of the base to the models.
 """
 
@@ -10,53 +10,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ggq import native
 from ggq.eval.baseline import q4_0_baseline
-from ggq.eval.fileinfo import FileInfo, file_info, type_label
-from ggq.eval.kld import KldStats
+from ggq.eval.compare import Row, against_base
+from ggq.eval.fileinfo import file_info, type_label
 from ggq.eval.perplexity import (
     DEFAULT_TEXT,
     ChunkProgress,
     PerplexityConfig,
     PerplexityError,
-    PerplexityResult,
     load_text,
     prepare,
     run,
-    run_against_base,
 )
 from ggq.files import atomic_write
 from ggq.gguf import check_model_file
 
 DATASETS = {"wikitext-2": DEFAULT_TEXT}
-
-
-def result_dict(r: PerplexityResult) -> dict[str, Any]:
-    return {**asdict(r), "tokens_per_second": r.tokens_per_second}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the table: a file, what it is, and how it scored."""
-
-    file: str
-    role: str  # "base", "llama.cpp Q4_0" (the --vs-q4_0 baseline) or "model"
-    info: FileInfo
-    ppl: PerplexityResult
-    kld: KldStats | None
-
-    def as_dict(self, base_ppl: float | None) -> dict[str, Any]:
-        d: dict[str, Any] = {"file": self.file, "role": self.role, **asdict(self.info)}
-        d.update(result_dict(self.ppl))
-        if base_ppl is not None:
-            d["delta_ppl"] = self.ppl.ppl - base_ppl
-            d["delta_ppl_pct"] = 100 * (self.ppl.ppl / base_ppl - 1)
-        d["kld"] = asdict(self.kld) if self.kld is not None else None
-        return d
 
 
 def _progress(as_json: bool) -> Any:
@@ -102,21 +75,15 @@ def rows_against_base(
     config: PerplexityConfig,
     quiet: bool,
 ) -> list[Row]:
-    base_run = prepare(base, text, config, source)
-    runs = [prepare(p, text, config, source) for p, _ in models]
+    """``compare.against_base`` under a progress bar with each model's running KLD."""
     with _progress(quiet) as bar:
-        task = bar.add_task(f"{len(runs)} model(s) vs {base.name}", total=base_run.n_chunks, info="")
+        task = bar.add_task(f"{len(models)} model(s) vs {base.name}", total=None, info="")
 
         def update(done: int, total: int, running: list[tuple[float, float]]) -> None:
             info = "  ".join(f"KLD {k:.5f}" for _, k in running)
             bar.update(task, completed=done, total=total, info=info)
 
-        base_result, compared = run_against_base(base_run, runs, update)
-    rows = [Row(base.name, "base", file_info(base), base_result, None)]
-    for (path, role), c in zip(models, compared, strict=True):
-        name = f"{base.stem}-Q4_0.gguf" if role == "llama.cpp Q4_0" else path.name
-        rows.append(Row(name, role, file_info(path), c.result, c.kld))
-    return rows
+        return against_base(base, models, text, source, config, update)
 
 
 def _render(rows: list[Row], source: str, has_base: bool) -> None:

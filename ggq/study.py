@@ -132,6 +132,9 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
         "ggq": [__version__, code],
         "llama.cpp": llama_cpp,
     }
+    if opts.tensor_overrides or opts.plan_kv:  # a size-budget plan; absent, the keys stay as before
+        doc["tensor_overrides"] = [list(t) for t in opts.tensor_overrides]
+        doc["plan_kv"] = [list(t) for t in opts.plan_kv]
     if opts.kind.needs_calibration:  # rtn reads no calibration: its file is the same for every setting
         cal = dataclasses.asdict(opts.cal)
         cal["calib"] = calib_sha if opts.cal.dataset is None else None
@@ -281,6 +284,17 @@ class Study:
 
         return list(self.cfg.texts) or [DEFAULT_TEXT]
 
+    def _progress(self) -> Callable[[int, int, list[tuple[float, float]]], None]:
+        """A log line at every tenth of a pass: chunks done and each file's running mean KLD."""
+        shown = [0]
+
+        def update(done: int, total: int, running: list[tuple[float, float]]) -> None:
+            if done * 10 >= (shown[0] + 1) * total:
+                shown[0] = done * 10 // total
+                self.log(f"  {done}/{total} chunks  mean KLD " + " ".join(f"{k:.5f}" for _, k in running))
+
+        return update
+
     def _result_path(self, entry: Entry, text: Path, text_sha: str, base: Entry) -> Path:
         # both names carry their files' keys; the evaluator is ggq's code on llama.cpp's build
         key = _key(
@@ -296,8 +310,8 @@ class Study:
 
     def evaluate(self, base: Entry, entries: list[Entry]) -> None:
         """Every entry against the base on every text; cached results are read, the rest run in one pass."""
+        from ggq.eval.compare import against_base
         from ggq.eval.perplexity import PerplexityConfig, load_text
-        from ggq.ppl import rows_against_base
 
         config = PerplexityConfig(n_ctx=self.cfg.n_ctx, n_chunks=self.cfg.chunks, n_threads=self.cfg.threads)
         for text in self.texts():
@@ -313,8 +327,13 @@ class Study:
                 continue
             quants = [e for e in todo if e is not base] or entries[:1]  # the base row comes with any pass
             self.log(f"ggq ppl --base {base.path.name} on {text.name}: {len(quants)} file(s) in one pass")
-            rows = rows_against_base(
-                base.path, [(e.path, "model") for e in quants], load_text(text), str(text), config, False
+            rows = against_base(
+                base.path,
+                [(e.path, "model") for e in quants],
+                load_text(text),
+                str(text),
+                config,
+                self._progress(),
             )
             base_ppl = rows[0].ppl.ppl
             for e, row in zip([base, *quants], rows, strict=True):

@@ -103,7 +103,7 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
     # calib is keyed by its content (the calib_sha argument), device as resolved (below)
     assert {f.name for f in dataclasses.fields(CalibOptions)} == {*cal_changes, "calib", "device"}
     assert {f.name for f in dataclasses.fields(RecipeOptions)} == set(recipe_changes)
-    fields = {"recipe", "method", "imatrix", "threads", "cal", "save_imatrix"}
+    fields = {"recipe", "method", "imatrix", "threads", "cal", "save_imatrix", "tensor_overrides", "plan_kv"}
     assert {f.name for f in dataclasses.fields(ConvertOptions)} == fields
 
     def key(opts: ConvertOptions, calib_sha: str = "c", code: str = "s", llama: str = "l") -> str:
@@ -119,6 +119,10 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
         for n, v in recipe_changes.items()
     ]
     variants += [dataclasses.replace(gptq, method="awq"), dataclasses.replace(gptq, imatrix=imatrix)]
+    variants += [
+        dataclasses.replace(gptq, tensor_overrides=(("blk.0.ffn_down.weight", "Q6_K"),)),
+        dataclasses.replace(gptq, plan_kv=(("budget_bytes", 1000),)),
+    ]
     keys = [key(v) for v in variants] + [key(gptq, calib_sha="d"), key(gptq, code="t"), key(gptq, llama="m")]
     assert len({k, *keys}) == len(keys) + 1
     same = [
