@@ -18,6 +18,7 @@ from ggq.gguf.writer import check_output_path
 from ggq.plan.recipe import BITS_RECIPES
 from ggq.signals import SIGNAL_EXITS, SignalGuard, Terminated
 from ggq.solvers.method import METHODS
+from ggq.solvers.options import DistillOptions
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: ppl's n_batch // n_ctx chunks decode side by side
 
@@ -207,6 +208,23 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write llama.cpp's imatrix GGUF of the calibration inputs each linear sees (gptq, awq).",
 )
+@click.option(
+    "--distill",
+    "distill_steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="STEPS",
+    help="After gptq/awq/awq+gptq: train the file's codes and norms end to end against the full-precision "
+    "model (KL divergence on the calibration windows, the best state on a held-out eighth kept); 0 = off.",
+)
+@click.option(
+    "--distill-lr",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="Distillation step: how far the code indices move per step on average (in codes), decayed to 0.",
+)
 def convert(
     model: str,
     output: Path | None,
@@ -234,6 +252,8 @@ def convert(
     save_imatrix: Path | None,
     target_size: str | None,
     target_bpw: float | None,
+    distill_steps: int,
+    distill_lr: float,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -265,6 +285,7 @@ def convert(
             threads,
             conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
             save_imatrix,
+            DistillOptions(steps=distill_steps, lr=distill_lr, seed=seed),
         ),
         dry_run=dry_run,
         as_json=as_json,

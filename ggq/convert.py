@@ -28,9 +28,12 @@ from ggq.plan import recipe
 from ggq.plan.recipe import FileType
 from ggq.solvers.method import CALIBRATED, METHODS, Method, calibrated_list, method
 from ggq.solvers.options import (
+    DistillOptions,
     LayerReport,
     SolverOptions,
+    StepReport,
     check_device,
+    check_distill,
     check_targets,
     resolve_device,
 )
@@ -66,6 +69,7 @@ class ConvertOptions:
     # per-tensor types (GGUF name, type) over the recipe's, e.g. a size-budget plan (ggq.plan.budget)
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     plan_kv: tuple[tuple[str, int | float | str], ...] = ()  # written as ggq.plan.KEY
+    distill: DistillOptions = field(default_factory=DistillOptions)  # after the solver (solvers/distill.py)
 
     @property
     def kind(self) -> Method:
@@ -201,6 +205,7 @@ def prepare_calibration(ckpt: Checkpoint, opts: ConvertOptions) -> SolverInput:
         "seed": cal.seed,
         "damp": cal.damp,
         **({"act_order": cal.act_order} if opts.kind.uses_gptq else {}),
+        **(_distill_provenance(opts.distill) if opts.distill.steps else {}),
     }
     return SolverInput(windows, device, provenance)
 
@@ -222,6 +227,27 @@ def solved_layers(
     for i, result in solve_layers(ckpt, prepared.windows.tokens, types, sopts, report):
         act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
         yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
+
+
+def _distill_provenance(d: DistillOptions) -> dict[str, object]:
+    return {"distill_steps": d.steps, "distill_lr": d.lr, "distill_seed": d.seed}
+
+
+def distilled(
+    ckpt: Checkpoint,
+    plan: list[PlannedTensor],
+    solved: Iterator[tuple[int, dict[str, np.ndarray]]],
+    prepared: SolverInput,
+    opts: DistillOptions,
+    report: Callable[[StepReport], None] | None,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """The solver's layers distilled end to end (solvers/distill.py, imported on first use)."""
+    from ggq.solvers import distill
+
+    types = {t.name: t.type for t in plan}
+    return distill.distilled_layers(
+        ckpt, types, solved, prepared.windows.tokens, opts, prepared.device, report
+    )
 
 
 def solve_layers(
@@ -285,6 +311,7 @@ def convert(
     progress: Callable[[PlannedTensor], None] | None = None,
     layer_report: Callable[[LayerReport], None] | None = None,
     plan: list[PlannedTensor] | None = None,
+    distill_report: Callable[[StepReport], None] | None = None,
 ) -> list[PlannedTensor]:
     """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written (``plan``:
     one ``make_plan`` already made for these options, else it is made here)."""
@@ -295,6 +322,8 @@ def convert(
     prepared = prepare_calibration(ckpt, opts) if opts.kind.needs_calibration else None
     act_sums: dict[str, tuple[np.ndarray, int]] = {}
     solved = solved_layers(ckpt, plan, prepared, opts, layer_report, act_sums) if prepared else None
+    if solved is not None and prepared is not None and opts.distill.steps:
+        solved = distilled(ckpt, plan, solved, prepared, opts.distill, distill_report)
     with GGUFWriter(out) as writer:
         _add_header(writer, file_kv(ckpt, opts, prepared.provenance if prepared else {}), plan)
         writer.begin_data()
@@ -346,6 +375,7 @@ def cli_options(
     threads: int = 0,
     cal: CalibOptions | None = None,
     save_imatrix: Path | None = None,
+    distill: DistillOptions | None = None,
 ) -> ConvertOptions:
     """Validate the command-line choices into ConvertOptions (names checked early, before any work)."""
     recipe.file_type(file_type)
@@ -358,6 +388,12 @@ def cli_options(
             raise ConvertError("--calib and --calib-dataset: give one of them")
         calib.check_dataset(cal.dataset)
     _check_save_imatrix(method, save_imatrix)
+    distill = distill or DistillOptions()
+    if distill.steps and method not in CALIBRATED:
+        raise ConvertError(
+            f"--distill: starts from a calibration method's file ({calibrated_list()}), not {method}"
+        )
+    check_distill(distill, cal.nsamples)
     for _, qtype in tensor_types:
         recipe.tensor_type(qtype)
     for t in (output_tensor_type, token_embedding_type):
@@ -373,7 +409,13 @@ def cli_options(
         has_imatrix=imatrix is not None,
     )
     return ConvertOptions(
-        recipe=ropts, method=method, imatrix=imatrix, threads=threads, cal=cal, save_imatrix=save_imatrix
+        recipe=ropts,
+        method=method,
+        imatrix=imatrix,
+        threads=threads,
+        cal=cal,
+        save_imatrix=save_imatrix,
+        distill=distill,
     )
 
 

@@ -25,7 +25,7 @@ from ggq.convert import (
 )
 from ggq.imatrix import load_imatrix
 from ggq.plan.budget import BudgetPlan, BudgetRequest, format_size, plan_budget
-from ggq.solvers.options import LayerReport
+from ggq.solvers.options import LayerReport, StepReport
 
 
 def _exponents(ax: float, aw: float) -> str:
@@ -39,6 +39,14 @@ def layer_line(method: str, rep: LayerReport, damp: float) -> str:
     line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
     line += f"  awq scales: {alphas}" if alphas else ""
     line += f"  damping raised (H not positive definite at {damp:g}): {raised}" if raised else ""
+    return line
+
+
+def distill_line(rep: StepReport, steps: int) -> str:
+    line = f"distill {rep.step:5d}/{steps}  {rep.seconds:5.2f}s"
+    line += f"  train KLD {rep.loss:.5f}" if rep.step else ""
+    if rep.heldout_kld is not None:
+        line += f"  held-out KLD {rep.heldout_kld:.5f} (best: step {rep.best_step})"
     return line
 
 
@@ -109,7 +117,20 @@ def _write(
             if not as_json:
                 bar.console.print(layer_line(opts.method, rep, opts.cal.damp))
 
-        convert(ckpt, out, opts, imatrix, progress=advance, layer_report=layer_done, plan=plan)
+        def step_done(rep: StepReport) -> None:
+            if not as_json and (rep.heldout_kld is not None or rep.step % 10 == 0):
+                bar.console.print(distill_line(rep, opts.distill.steps))
+
+        convert(
+            ckpt,
+            out,
+            opts,
+            imatrix,
+            progress=advance,
+            layer_report=layer_done,
+            plan=plan,
+            distill_report=step_done,
+        )
     return reports
 
 

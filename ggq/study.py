@@ -135,6 +135,8 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
     if opts.tensor_overrides or opts.plan_kv:  # a size-budget plan; absent, the keys stay as before
         doc["tensor_overrides"] = [list(t) for t in opts.tensor_overrides]
         doc["plan_kv"] = [list(t) for t in opts.plan_kv]
+    if opts.distill.steps:  # distillation on; off, the keys stay as before
+        doc["distill"] = dataclasses.asdict(opts.distill)
     if opts.kind.needs_calibration:  # rtn reads no calibration: its file is the same for every setting
         cal = dataclasses.asdict(opts.cal)
         cal["calib"] = calib_sha if opts.cal.dataset is None else None

@@ -17,6 +17,7 @@ from ggq.cli import main
 from ggq.convert import CalibOptions, ConvertOptions
 from ggq.eval import llama_tools
 from ggq.plan.recipe import RecipeOptions
+from ggq.solvers.options import DistillOptions
 from ggq.study import Study, StudyConfig, StudyError
 
 
@@ -103,7 +104,17 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
     # calib is keyed by its content (the calib_sha argument), device as resolved (below)
     assert {f.name for f in dataclasses.fields(CalibOptions)} == {*cal_changes, "calib", "device"}
     assert {f.name for f in dataclasses.fields(RecipeOptions)} == set(recipe_changes)
-    fields = {"recipe", "method", "imatrix", "threads", "cal", "save_imatrix", "tensor_overrides", "plan_kv"}
+    fields = {
+        "recipe",
+        "method",
+        "imatrix",
+        "threads",
+        "cal",
+        "save_imatrix",
+        "tensor_overrides",
+        "plan_kv",
+        "distill",
+    }
     assert {f.name for f in dataclasses.fields(ConvertOptions)} == fields
 
     def key(opts: ConvertOptions, calib_sha: str = "c", code: str = "s", llama: str = "l") -> str:
@@ -122,6 +133,8 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
     variants += [
         dataclasses.replace(gptq, tensor_overrides=(("blk.0.ffn_down.weight", "Q6_K"),)),
         dataclasses.replace(gptq, plan_kv=(("budget_bytes", 1000),)),
+        dataclasses.replace(gptq, distill=DistillOptions(steps=10)),
+        dataclasses.replace(gptq, distill=DistillOptions(steps=10, lr=0.05)),
     ]
     keys = [key(v) for v in variants] + [key(gptq, calib_sha="d"), key(gptq, code="t"), key(gptq, llama="m")]
     assert len({k, *keys}) == len(keys) + 1

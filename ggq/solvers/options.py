@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,3 +136,44 @@ def check_targets(types: dict[str, str], name: str = "gptq") -> None:
     for name, t in types.items():
         if name.startswith("blk.") and t not in ggml.FLOAT_TYPES and t not in ok:
             raise SolverError(f"{name}: {solver} cannot target {t}; supported: {', '.join(sorted(ok))}")
+
+
+# -- distillation (solvers/distill.py; here so that convert checks it without torch) ----------
+
+
+class DistillError(GGQError, ValueError):
+    """A distillation setting or state that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    steps: int = 0  # optimiser steps; 0 = no distillation
+    lr: float = 0.02  # the mean step of the code indices (in codes), decayed linearly to 0
+    norm_lr: float = 1e-4  # Adam's step size on the norm weights
+    batch: int = 4  # calibration windows per step
+    eval_every: int = 10  # steps between held-out KLD measurements
+    patience: int = 6  # measurements without a new best before stopping
+    holdout: int = 0  # calibration windows held out for early stopping; 0 = an eighth, at least 1
+    seed: int = 0
+
+
+def check_distill(o: DistillOptions, n_windows: int) -> None:
+    if o.steps < 0:
+        raise DistillError(f"--distill {o.steps}: the number of steps cannot be negative")
+    if not (o.lr > 0 and math.isfinite(o.lr)) or o.lr > 1:
+        raise DistillError(f"--distill-lr {o.lr}: expected a step size in (0, 1] grid steps")
+    if not (o.norm_lr >= 0 and math.isfinite(o.norm_lr)):
+        raise DistillError(f"distill norm_lr {o.norm_lr}: expected a finite value >= 0")
+    if o.batch < 1 or o.eval_every < 1 or o.patience < 1:
+        raise DistillError("distill batch, eval_every and patience must be >= 1")
+    if o.steps and n_windows < 2:
+        raise DistillError(f"--distill: needs at least 2 calibration windows (--nsamples), got {n_windows}")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    loss: float  # mean KL of the step's training batch
+    heldout_kld: float | None  # mean KL on the held-out windows, when measured at this step
+    best_step: int
+    seconds: float
