@@ -221,9 +221,16 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 @click.option(
     "--distill-lr",
     type=float,
-    default=0.02,
+    default=DistillOptions.lr,
     show_default=True,
     help="Distillation step: how far the code indices move per step on average (in codes), decayed to 0.",
+)
+@click.option(
+    "--distill-norm-lr",
+    type=float,
+    default=DistillOptions.norm_lr,
+    show_default=True,
+    help="Distillation: Adam's step size on the F32 norm weights (0: the norms stay).",
 )
 def convert(
     model: str,
@@ -254,6 +261,7 @@ def convert(
     target_bpw: float | None,
     distill_steps: int,
     distill_lr: float,
+    distill_norm_lr: float,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -285,7 +293,7 @@ def convert(
             threads,
             conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
             save_imatrix,
-            DistillOptions(steps=distill_steps, lr=distill_lr, seed=seed),
+            DistillOptions(steps=distill_steps, lr=distill_lr, norm_lr=distill_norm_lr, seed=seed),
         ),
         dry_run=dry_run,
         as_json=as_json,

@@ -230,7 +230,12 @@ def solved_layers(
 
 
 def _distill_provenance(d: DistillOptions) -> dict[str, object]:
-    return {"distill_steps": d.steps, "distill_lr": d.lr, "distill_seed": d.seed}
+    return {
+        "distill_steps": d.steps,
+        "distill_lr": d.lr,
+        "distill_norm_lr": d.norm_lr,
+        "distill_seed": d.seed,
+    }
 
 
 def distilled(

@@ -133,6 +133,7 @@ def test_distilled_file_runs_in_llama_cpp_and_is_reproducible(
         assert r.returncode == 0, r.stderr[-2000:]
     assert a.read_bytes() == b.read_bytes()  # same inputs and seed, same bytes
     meta = read_gguf(a).metadata
+    assert meta["ggq.calibration.distill_norm_lr"] == pytest.approx(DistillOptions.norm_lr)
     assert meta["ggq.calibration.distill_steps"] == 6 and meta["ggq.calibration.distill_lr"] == pytest.approx(
         0.05
     )
@@ -149,6 +150,7 @@ def test_distilled_file_runs_in_llama_cpp_and_is_reproducible(
         (("--distill", "5", "--distill-lr", "3"), "--distill-lr 3"),
         (("--distill", "5", "--distill-lr", "nan"), "--distill-lr nan"),
         (("--distill", "5", "--nsamples", "1"), "at least 2 calibration windows"),
+        (("--distill", "5", "--distill-norm-lr", "-1"), "--distill-norm-lr -1"),
     ],
 )
 def test_bad_distill_options_are_one_line(

@@ -148,8 +148,8 @@ class DistillError(GGQError, ValueError):
 @dataclass(frozen=True)
 class DistillOptions:
     steps: int = 0  # optimiser steps; 0 = no distillation
-    lr: float = 0.02  # the mean step of the code indices (in codes), decayed linearly to 0
-    norm_lr: float = 1e-4  # Adam's step size on the norm weights
+    lr: float = 0.01  # the mean step of the code indices (in codes), decayed linearly to 0
+    norm_lr: float = 0.003  # Adam's step size on the norm weights
     batch: int = 4  # calibration windows per step
     eval_every: int = 10  # steps between held-out KLD measurements
     patience: int = 6  # measurements without a new best before stopping
@@ -163,7 +163,7 @@ def check_distill(o: DistillOptions, n_windows: int) -> None:
     if not (o.lr > 0 and math.isfinite(o.lr)) or o.lr > 1:
         raise DistillError(f"--distill-lr {o.lr}: expected a step size in (0, 1] grid steps")
     if not (o.norm_lr >= 0 and math.isfinite(o.norm_lr)):
-        raise DistillError(f"distill norm_lr {o.norm_lr}: expected a finite value >= 0")
+        raise DistillError(f"--distill-norm-lr {o.norm_lr}: expected a finite value >= 0")
     if o.batch < 1 or o.eval_every < 1 or o.patience < 1:
         raise DistillError("distill batch, eval_every and patience must be >= 1")
     if o.steps and n_windows < 2:
