@@ -83,7 +83,8 @@ def mlp_input(h: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams) -> torch
 
 def mlp_core(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """SwiGLU up to the input of down_proj: (B, T, n_ff)."""
-    return torch.nn.functional.silu(x @ w["ffn_gate"].T) * (x @ w["ffn_up"].T)
+    gate = torch.nn.functional.silu(x @ w["ffn_gate"].T, inplace=True)  # in place: one n_ff-wide copy less
+    return gate.mul_(x @ w["ffn_up"].T)
 
 
 def layer_forward(h: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams, rope: Rope) -> torch.Tensor:

@@ -16,6 +16,7 @@ the original weights ("static groups") and each column is rounded on its own blo
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,22 +121,44 @@ class GPTQResult:
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H^-1, damping raised (x10, five times at most) until H is
-    positive definite; returns it with the damping it took."""
+    positive definite; returns it with the damping it took.
+
+    Computed in place in ``h`` (n, n) float64, which holds the factor after: one n x n matrix
+    instead of four (Qwen3-8B's ffn_down: 1.2 GB each). H goes to an unlinked temporary file
+    first (the page cache, not this process's memory) so that a failed try restarts from it."""
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
-    for k in range(6):
-        tried = damp * 10**k
-        damped = h.clone()  # h + tried * mean_diag * I without building n x n identities
-        damped.diagonal().add_(tried * mean_diag)
-        with one_thread():  # MKL's factorizations differ between thread counts
-            chol, info = torch.linalg.cholesky_ex(damped)
-            if int(info) != 0:
-                continue
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-        if int(info) == 0:
-            return upper, tried
+    buf = h.numpy()  # (n, n) the same memory
+    info = torch.zeros((), dtype=torch.int32)
+    with tempfile.TemporaryFile() as spill:
+        buf.tofile(spill)
+        for k in range(6):
+            if k:  # H again, read straight into h
+                spill.seek(0)
+                spill.readinto(buf.data.cast("B"))
+            tried = damp * 10**k
+            h.diagonal().add_(tried * mean_diag)  # h + tried * mean_diag * I without an identity
+            with one_thread():  # MKL's factorizations differ between thread counts
+                torch.linalg.cholesky_ex(h, out=(h, info))  # lower factor L (upper triangle zeroed)
+                if int(info) != 0:
+                    continue
+                torch.cholesky_inverse(h, out=h)  # H^-1 from L
+                torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+            if int(info) == 0:
+                return h, tried
     raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
+
+
+def _float32_in_place(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``t`` (contiguous float64) converted to float32 in its own memory, as ``t.to(float32)``:
+    chunks in order, each read before its float32 values are written over float64 values at lower
+    offsets, which were read already. Returns the float32 view; ``t`` holds garbage after."""
+    src = t.view(-1)
+    dst = src.view(torch.float32)[: src.numel()]
+    for a in range(0, src.numel(), chunk):
+        dst[a : a + chunk] = src[a : a + chunk].to(torch.float32)
+    return dst.view(t.shape)
 
 
 class _Grids:
@@ -169,10 +192,13 @@ def gptq(
     damp: float = 0.01,
     block: int = 256,
     act_order: bool = False,
+    overwrite: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
 
     ``act_order``: process columns by decreasing ``diag(h)``, on block scales fitted up front.
+    ``overwrite``: ``h`` (float64) may be factorized in place instead of copied (its values are
+    lost): one n x n float64 matrix in all, 1.2 GB for Qwen3-8B's ffn_down.
     The loop keeps the columns of a lazy batch as contiguous rows (``W1t``) and searches five
     codes per column; its results are those of the plain column loop, bit for bit.
     """
@@ -181,7 +207,10 @@ def gptq(
     if cols % group:
         raise SolverError(f"{target.name}: {cols} columns are not a whole number of {group}-blocks")
     W = torch.from_numpy(np.array(w, dtype=F32))  # (rows, cols), updated in place
-    H = torch.from_numpy(np.array(h, dtype=np.float64))
+    if overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable:
+        H = torch.from_numpy(h)
+    else:
+        H = torch.from_numpy(np.array(h, dtype=np.float64))
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -192,8 +221,9 @@ def gptq(
             grids.fit(W[:, col : col + group].numpy(), col)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H, order = W[:, perm], H[perm][:, perm], perm.numpy()
-    Hinv, damp = _inverse_cholesky(H, damp)
-    Hinv = Hinv.to(torch.float32)
+    upper, damp = _inverse_cholesky(H, damp)  # in H's memory
+    Hinv = _float32_in_place(upper)  # (cols, cols) float32, still in H's memory
+    del H, upper
     block = max(block // group, 1) * group
     Qt = np.zeros((cols, rows), dtype=F32)  # by original column
     codes_t = np.zeros((cols, rows), dtype=np.uint8)

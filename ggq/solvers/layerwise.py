@@ -12,10 +12,17 @@ mean squares) and ``awq+gptq`` (AWQ scales, then GPTQ on the scaled input). A gr
 searched when its input is computed with everything before it already quantized, and before any
 of the group's linears or the tensor it folds into is quantized.
 
-Device: the forward passes, the input statistics (X^T X, mean |x|, mean x^2) and AWQ's search
-products run on ``SolverOptions.device`` (torch); the ggml encoders and the GPTQ column loop run
-on the CPU in numpy. The layer's weights live on the CPU (what the encoders read) with one device
-copy, refreshed only when a weight changes (fold, quantize, refit). On the CPU both are the same
+Memory: only the residual stream (nsamples, seqlen, n_embd) is kept for all calibration windows.
+Every linear's input is recomputed from it ``SolverOptions.batch`` windows at a time and reduced
+batch by batch into its statistics (X^T X, the per-column sums, AWQ's sample X^T X), so the
+12288-wide MLP activations of Qwen3-8B are never all in memory, whatever nsamples x seqlen. The
+sums are taken in fixed chunks of rows in order (MEAN_ROWS for the per-column sums, GRAM_ROWS for
+X^T X), so they are the same bits as over all tokens at once, whatever the batch size.
+
+Device: the forward passes, the input statistics and AWQ's search products run on
+``SolverOptions.device`` (torch); the ggml encoders and the GPTQ column loop run on the CPU in
+numpy. The layer's weights live on the CPU (what the encoders read) with one device copy,
+refreshed only when a weight changes (fold, quantize, refit). On the CPU both are the same
 tensors and the results are those of the plain CPU code, bit for bit.
 
 Threads: the long sums (X^T X, AWQ's losses and refit) are taken in a fixed order and the
@@ -29,8 +36,11 @@ the quantized tensors before it, and the refit norms applied.
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,12 +51,60 @@ from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq
 from ggq.solvers.gptq import Target, gptq
 from ggq.solvers.options import LayerReport, SolverError, SolverOptions, check_targets, clock, timed
-from ggq.solvers.reductions import gram
+from ggq.solvers.reductions import GRAM_ROWS, gram, total
+
+# Rows per partial sum of the per-column sums (mean |x|, mean x^2). torch's ``mean(0)`` on the
+# CPU adds the rows in a cascade whose third level is 4096-row partials added in order (up to
+# 2^19 rows), so 4096-row chunks summed in order give its bits (test_solver_memory checks it).
+MEAN_ROWS = 4096
+REFIT_INPUTS = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")  # linears behind a refit norm
 
 
 def hessian(x: torch.Tensor) -> np.ndarray:
     """sum over tokens of x x^T, in float64: (n_in, n_in), the same bits at any thread count."""
     return gram(x).cpu().numpy()
+
+
+def _take(pending: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The first ``k`` rows of the pieces in ``pending`` (removed from it), as one tensor."""
+    parts, got = [], 0
+    while got < k:
+        t = pending[0]
+        if t.shape[0] <= k - got:
+            parts.append(pending.pop(0))
+        else:
+            parts.append(t[: k - got])
+            pending[0] = t[k - got :].clone()  # not a view: the rest of the batch can go
+        got += parts[-1].shape[0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _GramStream:
+    """gram() of rows given in pieces: they are taken GRAM_ROWS at a time in order, so the sum is
+    gram() of all the rows at once, bit for bit, whatever the pieces."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.acc: torch.Tensor | None = None  # (n, n) float64
+        self.pending: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:  # (k, n)
+        if rows.shape[0]:
+            self.pending.append(rows)
+            self.rows += rows.shape[0]
+        if self.rows >= GRAM_ROWS:
+            self._flush(self.rows - self.rows % GRAM_ROWS)
+
+    def _flush(self, k: int) -> None:
+        self.rows -= k
+        self.acc = gram(_take(self.pending, k), self.dtype, into=self.acc)
+
+    def result(self) -> torch.Tensor:
+        if self.rows:
+            self._flush(self.rows)
+        assert self.acc is not None
+        return self.acc
 
 
 @dataclass(frozen=True)
@@ -57,39 +115,143 @@ class InputStats:
     mean_sq: np.ndarray  # (n_in,) importance, as llama.cpp's imatrix stores it
     sum_sq: np.ndarray  # (n_in,) float64 sum of x^2 over all tokens (an imatrix entry), from mean_sq
     tokens: int
-    h_sample: torch.Tensor  # (n_in, n_in) float32 sum of x x^T over evenly strided tokens, on x's device
+    # (n_in, n_in) float32 sum of x x^T over evenly strided tokens, on x's device (None: not asked)
+    h_sample: torch.Tensor | None
     h_full: np.ndarray | None  # (n_in, n_in) float64 over all tokens, for GPTQ
+    x_sample: torch.Tensor | None = None  # (k, n_in) evenly strided tokens, for the error diagnostics
 
     @classmethod
-    def of(cls, x: torch.Tensor, search_tokens: int, full: bool) -> InputStats:
-        flat = x.reshape(-1, x.shape[-1])  # (tokens, n_in)
-        sample = flat[:: max(1, flat.shape[0] // search_tokens)]
-        mean_sq = flat.pow(2).mean(0).cpu().numpy()
-        return cls(
-            mean_abs=flat.abs().mean(0).cpu().numpy().astype(np.float64),
-            mean_sq=mean_sq,
-            sum_sq=mean_sq.astype(np.float64) * flat.shape[0],  # float32 precision, as llama-imatrix sums
-            tokens=flat.shape[0],
-            h_sample=gram(sample, torch.float32).to(torch.float32),
-            h_full=hessian(x) if full else None,
-        )
+    def of(cls, x: torch.Tensor, search_tokens: int, full: bool, sample: bool = True) -> InputStats:
+        s = StatsStream(x.shape[:-1].numel(), search_tokens, full, sample)
+        s.add(x)
+        return s.result()
 
     @property
     def h(self) -> np.ndarray:
-        return self.h_full if self.h_full is not None else self.h_sample.to(torch.float64).cpu().numpy()
+        if self.h_full is not None:
+            return self.h_full
+        assert self.h_sample is not None
+        return self.h_sample.to(torch.float64).cpu().numpy()
 
 
-def _rel_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
-    """||X (W - Q)^T|| / ||X W^T|| from the Hessian: tr(E H E^T) / tr(W H W^T), square-rooted."""
-    e = (w - q).astype(np.float64)
-    num = float(np.sum((e @ h) * e))
-    den = float(np.sum((w.astype(np.float64) @ h) * w))
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
+class StatsStream:
+    """InputStats of an input given batch by batch (``tokens`` rows in all): the same values, bit
+    for bit, as InputStats.of on all the rows at once, with at most a few chunks of rows held."""
+
+    def __init__(
+        self, tokens: int, search_tokens: int, full: bool, sample: bool = True, diag_tokens: int = 0
+    ) -> None:
+        self.tokens = tokens
+        self.stride = max(1, tokens // search_tokens)  # of the tokens in h_sample
+        self.diag_stride = max(1, tokens // diag_tokens) if diag_tokens else 0
+        self.pending: list[torch.Tensor] = []
+        self.n_pending = self.seen = 0
+        self.sum_abs: torch.Tensor | None = None  # (n,) float32, chunk sums added in order
+        self.sum_sq: torch.Tensor | None = None
+        self.full = _GramStream(torch.float64) if full else None
+        self.sample = _GramStream(torch.float32) if sample else None
+        self.diag: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])  # (rows, n)
+        self.pending.append(flat)
+        self.n_pending += flat.shape[0]
+        while self.n_pending >= MEAN_ROWS:
+            self._chunk(MEAN_ROWS)
+
+    def _chunk(self, k: int) -> None:
+        c = _take(self.pending, k)  # (k, n): rows seen .. seen + k of the input
+        self.n_pending -= k
+        s_abs, s_sq = c.abs().sum(0), c.pow(2).sum(0)
+        self.sum_abs = s_abs if self.sum_abs is None else self.sum_abs + s_abs
+        self.sum_sq = s_sq if self.sum_sq is None else self.sum_sq + s_sq
+        if self.full is not None:
+            self.full.add(c)
+        if self.sample is not None:
+            self.sample.add(c[(-self.seen) % self.stride :: self.stride])
+        if self.diag_stride:
+            self.diag.append(c[(-self.seen) % self.diag_stride :: self.diag_stride].clone())
+        self.seen += k
+
+    def result(self) -> InputStats:
+        if self.n_pending:
+            self._chunk(self.n_pending)
+        if self.seen != self.tokens or self.sum_abs is None or self.sum_sq is None:
+            raise SolverError(f"calibration input: {self.seen} rows where {self.tokens} were expected")
+        mean_sq = (self.sum_sq / self.seen).cpu().numpy()
+        return InputStats(
+            mean_abs=(self.sum_abs / self.seen).cpu().numpy().astype(np.float64),
+            mean_sq=mean_sq,
+            sum_sq=mean_sq.astype(np.float64) * self.seen,  # float32 precision, as llama-imatrix sums
+            tokens=self.seen,
+            h_sample=self.sample.result().to(torch.float32) if self.sample is not None else None,
+            h_full=self.full.result().cpu().numpy() if self.full is not None else None,
+            x_sample=torch.cat(self.diag) if self.diag else None,
+        )
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batch: int) -> torch.Tensor:
-    with timed("forward"):
-        return torch.cat([fn(h[i : i + batch]) for i in range(0, h.shape[0], batch)])
+def _rel_errors(w: np.ndarray, qs: list[np.ndarray], xs: torch.Tensor) -> list[float]:
+    """Per q in ``qs``, ||Xs (W - Q)^T|| / ||Xs W^T|| on the token sample ``xs`` (k, n_in)."""
+    wt = torch.from_numpy(w).to(xs.device)
+    ref = xs @ wt.T  # (k, rows)
+    den = total(ref * ref)
+    out = []
+    for q in qs:
+        e = xs @ (wt - torch.from_numpy(q).to(xs.device)).T
+        out.append(math.sqrt(total(e * e) / den) if den > 0 else 0.0)
+    return out
+
+
+class Residual:
+    """The residual stream of every calibration window, (B, T, n_embd) float32: a tensor on the
+    device, or (``spill``) an unlinked temporary file read and written a few windows at a time,
+    so that the page cache holds it instead of this process (and a killed run leaves no file)."""
+
+    def __init__(self, shape: tuple[int, int, int], device: str, spill: bool) -> None:
+        self.shape, self.device = shape, device
+        self.window_bytes = shape[1] * shape[2] * 4
+        self.mem: torch.Tensor | None = None
+        self.file = None
+        if not spill:
+            self.mem = torch.empty(shape, dtype=torch.float32, device=device)
+            return
+        need, where = shape[0] * self.window_bytes, tempfile.gettempdir()
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise SolverError(
+                f"calibration activations: {need / 2**30:.2f} GiB to keep in {where}, "
+                f"{free / 2**30:.2f} GiB free there (lower --nsamples/--seqlen or free disk)"
+            )
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close(), unlinked already)
+
+    @classmethod
+    def of(cls, h: torch.Tensor) -> Residual:
+        r = cls((h.shape[0], h.shape[1], h.shape[2]), str(h.device), spill=False)
+        r.mem = h  # in place: h is updated
+        return r
+
+    def read(self, i: int, j: int) -> torch.Tensor:
+        """Windows i..j (j - i, T, n_embd) on the device (in memory: a view)."""
+        if self.mem is not None:
+            return self.mem[i:j]
+        assert self.file is not None
+        out = np.empty((j - i, *self.shape[1:]), np.float32)
+        self.file.seek(i * self.window_bytes)
+        self.file.readinto(out.data.cast("B"))
+        return torch.from_numpy(out).to(self.device)
+
+    def write(self, i: int, value: torch.Tensor) -> None:
+        if self.mem is not None:
+            if value.data_ptr() != self.mem[i].data_ptr():
+                self.mem[i : i + value.shape[0]] = value
+            return
+        assert self.file is not None
+        self.file.seek(i * self.window_bytes)
+        self.file.write(np.ascontiguousarray(value.cpu().numpy()).data.cast("B"))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass
@@ -104,13 +266,17 @@ class _Layer:
     rep: LayerReport
     out: dict[str, np.ndarray] = field(default_factory=dict)  # short name -> tensor bytes
     col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> AWQ factor of its columns
-    unquantized: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> (folded) weights
+    unquantized: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> (folded) weights, for refit
     dev: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights on opts.device
     # linear -> (sum of x^2 per input column, tokens) of the input it reads in the written model
     act_sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.refresh(*self.w)
+
+    @property
+    def refits(self) -> bool:
+        return self.opts.kind.scales_activations and self.opts.refit_norms
 
     def refresh(self, *names: str) -> None:
         """Copy changed weights to the device (on the CPU the copy is the tensor itself)."""
@@ -121,26 +287,40 @@ class _Layer:
         self.w[name] = value
         self.refresh(name)
 
-    def stats(self, x: torch.Tensor) -> InputStats:
+    def stats(self, batches: Iterable[torch.Tensor], tokens: int, refit: bool = False) -> InputStats:
+        """The statistics of an input given batch by batch: X^T X in float64 for GPTQ, the
+        strided sample's X^T X for AWQ's clip search (and for a norm refit, when ``refit``)."""
+        kind = self.opts.kind
+        sample = not kind.uses_gptq or (refit and self.refits)
+        diag = self.opts.diag_tokens
+        s = StatsStream(tokens, self.opts.search_tokens, full=kind.uses_gptq, sample=sample, diag_tokens=diag)
+        for b in batches:
+            with timed("stats"):
+                s.add(b)
         with timed("stats"):
-            return InputStats.of(x, self.opts.search_tokens, full=self.opts.kind.uses_gptq)
+            return s.result()
 
-    def scale(self, prev: str, x: Callable[[], torch.Tensor]) -> bool:
-        """AWQ: search the scales of the group fed by ``prev`` on its linears' input ``x()`` and
-        fold them in; False (nothing done) for gptq or a group without quantized linears."""
+    def scale(self, prev: str, batches: Callable[[], Iterable[torch.Tensor]], tokens: int) -> bool:
+        """AWQ: search the scales of the group fed by ``prev`` on its linears' input (``batches()``)
+        and fold them in; False (nothing done) for gptq or a group without quantized linears."""
         group = next(g for g in awq.QWEN3_GROUPS if g.prev == prev)
         quantized = [n for n in group.linears if self.types[n] not in ggml.FLOAT_TYPES]
         if not self.opts.kind.scales_activations or not quantized:
             return False
-        xs = x()
+        s = StatsStream(tokens, self.opts.search_tokens, full=False)
+        for b in batches():
+            with timed("stats"):
+                s.add(b)
         with timed("stats"):
-            stats = InputStats.of(xs, self.opts.search_tokens, full=False)
+            stats = s.result()
+        assert stats.h_sample is not None
         with timed("solve"):
-            self._search(group, quantized, xs.shape[-1], stats)
+            self._search(group, quantized, stats.h_sample.shape[0], stats)
         return True
 
     def _search(self, group: awq.ScaleGroup, quantized: list[str], n_in: int, stats: InputStats) -> None:
         hp, prev = self.hp, group.prev
+        assert stats.h_sample is not None
         channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
         weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
         found = awq.search_scales(
@@ -154,8 +334,9 @@ class _Layer:
         for n in group.linears:
             self.col_scale[n] = found.scales[channel]
 
-    def quantize(self, names: tuple[str, ...], stats: InputStats) -> None:
-        """Encode linears reading the input of ``stats``; their weights become the decoded ones."""
+    def quantize(self, names: tuple[str, ...], stats: InputStats, last_use: bool = False) -> None:
+        """Encode linears reading the input of ``stats``; their weights become the decoded ones.
+        ``last_use``: nothing reads ``stats`` after, so GPTQ may factorize its X^T X in place."""
         for name in names:
             t, wn = self.types[name], self.w[name].numpy()
             if t in ggml.FLOAT_TYPES:
@@ -166,31 +347,40 @@ class _Layer:
                 assert stats.h_full is not None
                 with timed("solve"):
                     res = gptq(
-                        wn, stats.h_full, Target(t), damp=self.opts.damp, act_order=self.opts.act_order
+                        wn,
+                        stats.h_full,
+                        Target(t),
+                        damp=self.opts.damp,
+                        act_order=self.opts.act_order,
+                        overwrite=last_use and name == names[-1],
                     )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
             else:
+                assert stats.h_sample is not None
                 with timed("solve"):
                     wc = awq.clip_search(wn, t, stats.mean_sq, stats.h_sample) if self.opts.clip else wn
                 with timed("encode"):
                     data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
                     q = ggml.dequantize(data, t, wn.shape[1])
-            if t not in ggml.FLOAT_TYPES:
+            if t not in ggml.FLOAT_TYPES and stats.x_sample is not None:
                 with timed("diag"):
                     s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
                     rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
-                    self.rep.errors[name] = (_rel_error(wn, rtn, stats.h), _rel_error(wn, q, stats.h))
+                    errs = _rel_errors(wn, [rtn, q], stats.x_sample)
+                    self.rep.errors[name] = (errs[0], errs[1])
             self.out[name] = data
-            self.unquantized[name] = wn
+            if self.refits and name in REFIT_INPUTS:
+                self.unquantized[name] = wn
             self.act_sums[name] = (stats.sum_sq, stats.tokens)
             self.set(name, torch.from_numpy(q))
 
     def refit(self, norm: str, names: tuple[str, ...], stats: InputStats) -> bool:
         """AWQ: the norm feeding the quantized ``names`` refit by least squares (awq.refit_norm)."""
-        if not (self.opts.kind.scales_activations and self.opts.refit_norms):
+        if not self.refits:
             return False
-        pairs = [(self.unquantized[n], self.w[n].numpy()) for n in names]
+        assert stats.h_sample is not None
+        pairs = [(self.unquantized.pop(n), self.w[n].numpy()) for n in names]
         with timed("solve"):
             u = awq.refit_norm(pairs, stats.h_sample)  # (n_in,) float32
         self.set(norm, self.w[norm] * torch.from_numpy(u))
@@ -213,59 +403,73 @@ class LayerResult:
 
 
 def solve_layer(
-    h: torch.Tensor,
+    h: torch.Tensor | Residual,
     w: dict[str, torch.Tensor],
     hp: HParams,
     rope: qwen3.Rope,
     types: dict[str, str],
     opts: SolverOptions,
     rep: LayerReport,
-) -> tuple[torch.Tensor, LayerResult]:
+) -> tuple[torch.Tensor | Residual, LayerResult]:
     """One layer, true-sequential, ``h`` (B, T, n_embd) on ``opts.device`` and ``w`` on the CPU:
-    returns the quantized layer's output and its result."""
+    returns the quantized layer's output (``h`` itself, updated in place) and its result."""
     L = _Layer(w, {n: types[f"blk.{rep.layer}.{n}.weight"] for n in w}, hp, opts, rep)
     d = L.dev  # the forward reads the device copy, kept current by L
+    R = h if isinstance(h, Residual) else Residual.of(h)
+    n_win = R.shape[0]
+    tokens = n_win * R.shape[1]
+    finite = [True]
+
+    def batches(fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``fn`` of the residual stream, ``opts.batch`` windows at a time, with the current weights."""
+        for i in range(0, n_win, opts.batch):
+            with timed("forward"):
+                y = fn(R.read(i, min(i + opts.batch, n_win)))
+            yield y
+
+    def residual(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """h += fn(h), batch by batch (each batch's input is read before it is overwritten)."""
+        for i in range(0, n_win, opts.batch):
+            with timed("forward"):
+                b = R.read(i, min(i + opts.batch, n_win))
+                b += fn(b)
+                finite[0] &= bool(torch.isfinite(b).all())
+                R.write(i, b)
 
     def attn_in(b: torch.Tensor) -> torch.Tensor:
         return qwen3.attention_input(b, d, hp)
 
-    def o_in(b: torch.Tensor) -> torch.Tensor:  # b: the attention input
-        return qwen3.attention_core(b, d, hp, rope)
+    def o_in(b: torch.Tensor) -> torch.Tensor:
+        return qwen3.attention_core(attn_in(b), d, hp, rope)
 
-    x = _batched(attn_in, h, opts.batch)
-    if L.scale("attn_norm", lambda: x):
-        x = _batched(attn_in, h, opts.batch)  # with the folded norm, as llama.cpp will compute it
-    st = L.stats(x)
+    def mlp_in(b: torch.Tensor) -> torch.Tensor:
+        return qwen3.mlp_input(b, d, hp)
+
+    def down_in(b: torch.Tensor) -> torch.Tensor:
+        return qwen3.mlp_core(mlp_in(b), d)
+
+    L.scale("attn_norm", lambda: batches(attn_in), tokens)
+    st = L.stats(batches(attn_in), tokens, refit=True)  # with the folded norm, as llama.cpp computes it
     L.quantize(("attn_q", "attn_k"), st)
-    L.scale("attn_v", lambda: _batched(o_in, x, opts.batch))  # v is unquantized until folded into
+    L.scale("attn_v", lambda: batches(o_in), tokens)  # v is unquantized until folded into
     L.quantize(("attn_v",), st)
-    if L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st):
-        x = _batched(attn_in, h, opts.batch)  # the norm changed; otherwise x is still current
-    x = _batched(o_in, x, opts.batch)
-    L.quantize(("attn_output",), L.stats(x))
-
-    def forward(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        with timed("forward"):
-            return fn()
-
-    h = forward(lambda: h + x @ d["attn_output"].T)
-    x = forward(lambda: qwen3.mlp_input(h, d, hp))
-    if L.scale("ffn_norm", lambda: x):
-        x = forward(lambda: qwen3.mlp_input(h, d, hp))
-    st = L.stats(x)
+    L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
+    L.quantize(("attn_output",), L.stats(batches(o_in), tokens), last_use=True)
+    residual(lambda b: o_in(b) @ d["attn_output"].T)
+    L.scale("ffn_norm", lambda: batches(mlp_in), tokens)
+    st = L.stats(batches(mlp_in), tokens, refit=True)
     L.quantize(("ffn_gate",), st)
-    L.scale("ffn_up", lambda: forward(lambda: qwen3.mlp_core(x, d)))
+    L.scale("ffn_up", lambda: batches(down_in), tokens)
     L.quantize(("ffn_up",), st)
-    if L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st):
-        x = forward(lambda: qwen3.mlp_input(h, d, hp))
-    x = forward(lambda: qwen3.mlp_core(x, d))
-    L.quantize(("ffn_down",), L.stats(x))
-    out = forward(lambda: h + x @ d["ffn_down"].T)  # the quantized layer's output feeds the next layer
-    if not torch.isfinite(out).all():
+    L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st)
+    del st
+    L.quantize(("ffn_down",), L.stats(batches(down_in), tokens), last_use=True)
+    residual(lambda b: down_in(b) @ d["ffn_down"].T)  # the quantized layer's output feeds the next layer
+    if not finite[0]:
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
     if opts.kind.scales_activations:
         L.finish_norms()
-    return out, LayerResult(L.out, L.act_sums)
+    return h, LayerResult(L.out, L.act_sums)
 
 
 def solve_layers(
@@ -279,16 +483,22 @@ def solve_layers(
     check_targets(types, opts.method)
     hp = ckpt.hparams
     rope = qwen3.Rope.build(hp, tokens.shape[1], opts.device)
-    with torch.no_grad():
-        h = qwen3.embed(ckpt, torch.from_numpy(tokens)).to(opts.device)  # (nsamples, seqlen, n_embd)
-        for i in range(hp.n_layer):
-            start = time.perf_counter()
-            rep = LayerReport(i)
-            with clock(rep.times):
-                with timed("load"):
-                    w = qwen3.load_layer(ckpt, i)
-                h, result = solve_layer(h, w, hp, rope, types, opts, rep)
-            rep.seconds = time.perf_counter() - start
-            if report:
-                report(rep)
-            yield i, result
+    shape = (tokens.shape[0], tokens.shape[1], hp.n_embd)
+    h = Residual(shape, opts.device, spill=4 * math.prod(shape) > opts.max_residual_bytes)
+    try:
+        with torch.no_grad():
+            for i in range(0, shape[0], opts.batch):  # (nsamples, seqlen, n_embd), a batch at a time
+                h.write(i, qwen3.embed(ckpt, torch.from_numpy(tokens[i : i + opts.batch])).to(opts.device))
+            for i in range(hp.n_layer):
+                start = time.perf_counter()
+                rep = LayerReport(i)
+                with clock(rep.times):
+                    with timed("load"):
+                        w = qwen3.load_layer(ckpt, i)
+                    _, result = solve_layer(h, w, hp, rope, types, opts, rep)
+                rep.seconds = time.perf_counter() - start
+                if report:
+                    report(rep)
+                yield i, result
+    finally:
+        h.close()

@@ -34,7 +34,7 @@ class SolverOptions:
     method: str = "gptq"  # one of method.CALIBRATED
     damp: float = 0.01
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
-    batch: int = 8  # calibration windows per forward batch (bounds activation memory)
+    batch: int = 8  # calibration windows per forward batch: what is held of a linear's input
     awq_grid: int = 20  # alpha in {0, 1/grid, ..., 1}
     refine_scales: bool = (
         False  # AWQ: per-channel coordinate descent from the grid's best (awq.refine_scales)
@@ -43,6 +43,11 @@ class SolverOptions:
     clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
     device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
+    # tokens (evenly strided) on which LayerReport.errors are measured; 0: no error diagnostics
+    diag_tokens: int = 512
+    # bytes of the residual stream of all windows (nsamples x seqlen x n_embd x 4) above which it
+    # is kept in a temporary file instead of memory (Qwen3-8B at 128 x 512: 1 GiB)
+    max_residual_bytes: int = 512 << 20
 
     @property
     def kind(self) -> Method:

@@ -39,8 +39,12 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def gram(
+    x: torch.Tensor, dtype: torch.dtype = torch.float64, into: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum over the rows r of ``x`` (..., n) of r^T r: (n, n) float64 on x's device.
+    ``into``: an earlier gram() result the products are added to, in place, and returned (rows
+    given in pieces of whole GRAM_ROWS chunks then sum to gram() of all of them, bit for bit).
 
     The rows are taken GRAM_ROWS at a time, each chunk's product computed in ``dtype`` and the
     products added in float64 in chunk order. On the CPU the output is cut into column blocks of
@@ -52,18 +56,25 @@ def gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     rows, n = flat.shape
 
     def columns(j0: int, j1: int) -> torch.Tensor:  # (n, j1 - j0): columns j0..j1 of the result
-        acc = torch.zeros(n, j1 - j0, dtype=torch.float64, device=flat.device)
+        acc = (
+            into[:, j0:j1]
+            if into is not None
+            else torch.zeros(n, j1 - j0, dtype=torch.float64, device=flat.device)
+        )
         for start in range(0, rows, GRAM_ROWS):
             c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n)
             acc += (c.T @ c[:, j0:j1]).to(torch.float64)
         return acc
 
     if flat.device.type != "cpu":
-        return columns(0, n)
+        acc = columns(0, n)  # ``into`` itself (a view of all of it) when given
+        return acc if into is None else into
     blocks = [(j, min(j + GRAM_COLS, n)) for j in range(0, n, GRAM_COLS)]
     workers = max(1, min(torch.get_num_threads(), len(blocks)))
     with one_thread(), ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(lambda b: columns(*b), blocks))
+    if into is not None:
+        return into
     return torch.cat(parts, dim=1) if parts else torch.zeros(n, n, dtype=torch.float64)
 
 

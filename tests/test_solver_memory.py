@@ -1,0 +1,203 @@
+"""The solver streams the calibration windows through each layer: its statistics do not depend
+on the batch split, and its peak memory does not grow with the MLP activations of all tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ggq import qwen3, testing
+from ggq.checkpoint import Checkpoint
+from ggq.convert import ConvertOptions, make_plan
+from ggq.plan import recipe as rc
+from ggq.solvers.gptq import Target, gptq
+from ggq.solvers.layerwise import LayerReport, SolverOptions, StatsStream, solve_layer
+from ggq.solvers.reductions import GRAM_ROWS, gram
+
+
+def _x(rows: int, n: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.standard_normal((rows, n)) * (1 + 3 * rng.random(n))).astype(np.float32))
+
+
+@pytest.mark.parametrize("rows", [1000, 4096, 5000, 12288, 20000])
+@pytest.mark.parametrize("piece", [256, 777, 4096])
+def test_streamed_stats_are_the_whole_set_bits(rows: int, piece: int) -> None:
+    """Against torch's own whole-set reductions and gram() of all rows: the same bits, whatever
+    the pieces the rows come in (the solver's bytes must not depend on --batch)."""
+    x = _x(rows, 160 if piece == 777 else 1024, seed=rows)
+    s = StatsStream(rows, search_tokens=3000, full=True, sample=True, diag_tokens=100)
+    for i in range(0, rows, piece):
+        s.add(x[i : i + piece])
+    st = s.result()
+    stride = max(1, rows // 3000)
+    assert np.array_equal(st.mean_sq, x.pow(2).mean(0).numpy())
+    assert np.array_equal(st.mean_abs, x.abs().mean(0).numpy().astype(np.float64))
+    assert st.h_full is not None and np.array_equal(st.h_full, gram(x).numpy())
+    assert st.h_sample is not None
+    assert torch.equal(st.h_sample, gram(x[::stride], torch.float32).to(torch.float32))
+    assert st.x_sample is not None and torch.equal(st.x_sample, x[:: max(1, rows // 100)])
+    assert st.tokens == rows
+
+
+def test_gram_into_adds_whole_chunks_in_order() -> None:
+    x = _x(5 * GRAM_ROWS + 300, 200)
+    acc = gram(x[: 2 * GRAM_ROWS])
+    acc = gram(x[2 * GRAM_ROWS : 4 * GRAM_ROWS], into=acc)
+    assert torch.equal(gram(x[4 * GRAM_ROWS :], into=acc), gram(x))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_in_place_is_the_copying_result(act_order: bool) -> None:
+    x = _x(2048, 256)
+    h = gram(x).numpy()
+    w = (np.random.default_rng(1).standard_normal((64, 256)) * 0.02).astype(np.float32)
+    ref = gptq(w, h, Target("Q4_K"), act_order=act_order)
+    assert np.array_equal(h, gram(x).numpy())  # not overwritten by default
+    own = h.copy()
+    res = gptq(w, own, Target("Q4_K"), act_order=act_order, overwrite=True)
+    assert np.array_equal(res.data, ref.data) and np.array_equal(res.weights, ref.weights)
+    if not act_order:
+        assert not np.array_equal(own, h)  # factorized in place
+
+
+def test_gptq_in_place_raises_the_damping_from_the_original_hessian() -> None:
+    """A failed in-place factorization destroys H: the retry must start again from H itself."""
+    x = _x(100, 256).to(torch.float64)
+    h = x.T @ x
+    mean = float(h.diagonal().mean())
+    h = (h - 1e-3 * mean * torch.eye(256, dtype=torch.float64)).numpy()  # not positive definite
+    # the first damping whose Cholesky succeeds, tried on fresh copies (the definition)
+    expected = next(
+        d
+        for d in (1e-5 * 10**k for k in range(6))
+        if int(
+            torch.linalg.cholesky_ex(torch.from_numpy(h) + d * mean * torch.eye(256, dtype=torch.float64))[1]
+        )
+        == 0
+    )
+    assert expected > 1e-5
+    w = (np.random.default_rng(2).standard_normal((32, 256)) * 0.02).astype(np.float32)
+    ref = gptq(w, h, Target("Q4_K"), damp=1e-5)
+    res = gptq(w, h.copy(), Target("Q4_K"), damp=1e-5, overwrite=True)
+    assert res.damp == ref.damp == expected
+    assert np.array_equal(res.data, ref.data)
+
+
+def test_float32_in_place_is_to_float32() -> None:
+    from ggq.solvers.gptq import _float32_in_place
+
+    t = _x(1000, 3001).to(torch.float64) * 1e-3
+    ref = t.to(torch.float32)
+    assert torch.equal(_float32_in_place(t.clone(), chunk=4096), ref)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A layer whose MLP is 16x its width: the MLP activations of all tokens would dominate."""
+    spec = testing.Qwen3Spec(
+        hidden_size=256, intermediate_size=4096, head_dim=64, num_hidden_layers=1, seed=9
+    )
+    return testing.build_checkpoint(tmp_path_factory.mktemp("wide") / "ckpt", spec)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_bytes_do_not_depend_on_the_batch(wide: Path, method: str) -> None:
+    ckpt = Checkpoint(wide)
+    hp = ckpt.hparams
+    types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions("Q4_K_M")))}
+    h0 = torch.from_numpy(np.random.default_rng(3).standard_normal((24, 256, 256)).astype(np.float32))
+    found = []
+    for batch in (1, 5, 24):
+        opts = SolverOptions(method=method, batch=batch)
+        with torch.no_grad():
+            out, res = solve_layer(
+                h0.clone(),
+                qwen3.load_layer(ckpt, 0),
+                hp,
+                qwen3.Rope.build(hp, 256),
+                types,
+                opts,
+                LayerReport(0),
+            )
+        found.append((out, res))
+    for out, res in found[1:]:
+        assert torch.equal(out, found[0][0])
+        assert res.tensors.keys() == found[0][1].tensors.keys()
+        for k, v in res.tensors.items():
+            assert np.array_equal(v, found[0][1].tensors[k]), k
+
+
+PEAK = """
+import json, sys
+import numpy as np
+from ggq.checkpoint import Checkpoint
+from ggq.convert import ConvertOptions, make_plan
+from ggq.plan import recipe as rc
+from ggq.solvers import layerwise
+from ggq.solvers.options import SolverOptions
+
+ckpt = Checkpoint(sys.argv[1])
+types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions("Q4_K_M")))}
+tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (int(sys.argv[3]), 256))
+for _ in layerwise.solve_layers(ckpt, tokens, types, SolverOptions(method=sys.argv[2])):
+    pass
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps(int(hwm.split()[1]) / 1024))
+"""
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_peak_memory_is_flat_in_the_calibration_tokens(wide: Path, method: str) -> None:
+    """16 -> 64 windows of 256 tokens: the MLP activations of all tokens (4096 wide, float32) grow
+    by 192 MiB, the residual stream (256 wide) by 12 MiB; the peak may grow by the latter only."""
+    peaks = []
+    for nsamples in (16, 64):
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK, str(wide), method, str(nsamples)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        peaks.append(json.loads(done.stdout.splitlines()[-1]))
+    assert peaks[1] - peaks[0] < 48, peaks
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_residual_in_a_file_gives_the_same_bytes(wide: Path, method: str) -> None:
+    """The residual stream kept in a temporary file (max_residual_bytes=0) instead of memory."""
+    from ggq.solvers import layerwise
+
+    ckpt = Checkpoint(wide)
+    types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions("Q4_K_M")))}
+    tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (12, 128))
+    found = []
+    for limit in (0, 1 << 40):
+        opts = SolverOptions(method=method, batch=5, max_residual_bytes=limit)
+        found.append([r for _, r in layerwise.solve_layers(ckpt, tokens, types, opts)])
+    for a, b in zip(*found, strict=True):
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            assert np.array_equal(a.tensors[k], b.tensors[k]), k
+
+
+def test_no_room_for_the_residual_file_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from ggq.solvers.layerwise import Residual
+    from ggq.solvers.options import SolverError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(
+        SolverError, match=r"calibration activations: 0\.25 GiB to keep in .*, 0\.00 GiB free"
+    ):
+        Residual((64, 1024, 1024), "cpu", spill=True)
