@@ -98,7 +98,11 @@ class _GramStream:
 
     def _flush(self, k: int) -> None:
         self.rows -= k
-        self.acc = gram(_take(self.pending, k), self.dtype, into=self.acc)
+        rows = _take(self.pending, k)
+        if self.acc is None:  # gram() adds to zeros too; given them, it adds in place from the start
+            n = rows.shape[-1]
+            self.acc = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+        self.acc = gram(rows, self.dtype, into=self.acc)
 
     def result(self) -> torch.Tensor:
         if self.rows:
