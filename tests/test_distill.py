@@ -172,3 +172,18 @@ def test_check_distill_names_the_setting() -> None:
     with pytest.raises(DistillError, match="batch"):
         check_distill(DistillOptions(steps=3, batch=0), 8)
     check_distill(DistillOptions(steps=0), 1)  # off: any calibration size
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_distill_after_awq_runs_in_llama_cpp(tiny: Path, prose: Path, tmp_path: Path, method: str) -> None:
+    """AWQ's solver hands over folded norms and linears as well: they are trained and written
+    in place of the solver's (a K-quant mix: Q4_K and Q6_K grids)."""
+    from tests.test_ppl import llama_perplexity
+
+    out = tmp_path / "d.gguf"
+    r = _convert(tiny, out, "--method", method, "--type", "Q4_K_M", "--distill", "4", "--distill-lr", "0.05")
+    assert r.returncode == 0, r.stderr[-2000:]
+    g = read_gguf(out)
+    assert g.metadata["ggq.method"] == method and g.metadata["ggq.calibration.distill_steps"] == 4
+    ppl, _ = llama_perplexity(out, prose, n_ctx=64, chunks=4)
+    assert np.isfinite(ppl) and ppl > 1
