@@ -17,16 +17,27 @@ the repository: the embedded model, the shipped calibration text and the shipped
         --model models/qwen3-micro --model models/qwen3-micro-b \
         --methods rtn,gptq,awq,awq+gptq --text ../shared/data/gutenberg-heldout/heldout.txt \
         --text ../shared/data/wikitext-2-raw/wiki.test.raw
+
+--budgets Q4_K_M,Q3_K_M,7.0M adds, per method, ggq's budget file (ggq convert --target-size): at
+a type's name the byte size of llama.cpp's imatrix file of that type (so those types must be in
+--types), else a size as --target-size takes it; their verdicts compare with llama.cpp's imatrix
+file of that size and one size class up, and with ggq's own fixed recipe of that type.
+--rank-plans N writes N random mixed plans (RTN, the sensitivity of --budgets' first method's
+calibration) and prints the Spearman rank correlation of their predicted and measured mean KLD.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from ggq import native
 from ggq.eval import llama_tools
@@ -139,7 +150,99 @@ def quantize_all(
                 ]
             )
             print(f"{model.name}: ggq {method} {t}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for b in args.budgets.split(",") if args.budgets else ():
+        size = files[b, "llama.cpp imatrix"].stat().st_size if (b, "llama.cpp imatrix") in files else b
+        for method in args.budget_methods.split(","):
+            out = work / f"ggq-{method}-budget-{b}.gguf"
+            start = time.perf_counter()
+            log = run(
+                [
+                    *ggq,
+                    "--method",
+                    method,
+                    "--calib",
+                    str(args.calib),
+                    "--target-size",
+                    str(size),
+                    "-o",
+                    str(out),
+                ]
+            )
+            files[f"size {b}", f"ggq {method} budget"] = out
+            line = next((x for x in log.splitlines() if x.startswith("budget ")), "")
+            print(
+                f"{model.name}: ggq {method} budget {b} ({size}): {time.perf_counter() - start:.0f} s; {line}",
+                file=sys.stderr,
+            )
     return f32, files
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_plans(model: Path, args: argparse.Namespace, work: Path, base: Path) -> None:
+    """Random mixed plans (RTN): predicted (sum of the sensitivity's per-tensor KLD) against the
+    mean KLD llama-perplexity measures; prints the Spearman rank correlation."""
+    from ggq.checkpoint import Checkpoint
+    from ggq.convert import CalibOptions, ConvertOptions, convert, make_plan
+    from ggq.plan import budget as bud
+
+    ckpt = Checkpoint(model)
+    opts = ConvertOptions(method="rtn", cal=CalibOptions(calib=args.calib, device="cpu"))
+    f16 = sum(t.nbytes for t in make_plan(ckpt, replace(opts, recipe=replace(opts.recipe, file_type="F16"))))
+    bp = bud.plan_budget(ckpt, opts, bud.BudgetRequest(size=str(int(f16 * 0.3))))
+    pred_all = bp.sensitivity.predicted()
+    print(
+        f"\n{model.name}: sensitivity {bp.sensitivity.key} ({'cached' if bp.cached else 'measured'}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in bp.sensitivity.seconds.items())
+    )
+    rng = random.Random(0)
+    predicted, measured = [], []
+    for k in range(args.rank_plans):
+        level = rng.random()  # each plan its own mean precision, the tensors spread around it
+        types = {}
+        for t in make_plan(ckpt, opts):
+            if t.name in pred_all:
+                cands = [q for q in bud.candidates(t.shape) if q != "F16" and q in pred_all[t.name]]
+                i = round(min(max(level * (len(cands) - 1) + rng.gauss(0, 1.5), 0), len(cands) - 1))
+                types[t.name] = cands[i]
+        out = work / f"rank-{k}.gguf"
+        convert(ckpt, out, replace(opts, tensor_overrides=tuple(types.items())))
+        predicted.append(sum(pred_all[n][q] for n, q in types.items()))
+        measured.append(llama_tools.kld_stats(out, base, chunks=args.chunks)["kld"])
+        print(
+            f"  plan {k}: {out.stat().st_size / 2**20:.2f} MiB, predicted {predicted[-1]:.5f}, measured {measured[-1]:.5f}"
+        )
+        out.unlink()
+    print(
+        f"  Spearman rank correlation, predicted vs measured mean KLD over {len(measured)} random plans: "
+        f"{spearman(predicted, measured):.3f}"
+    )
+
+
+def print_budget_verdicts(rows: dict[tuple[str, str], dict]) -> None:
+    print(
+        "\nggq budget files against llama.cpp imatrix (same size, and one size class up) and ggq's fixed recipe:"
+    )
+    up = {"Q3_K_M": "Q4_K_M", "Q2_K": "Q3_K_M", "Q4_K_M": "Q5_K_M"}
+    for t, label in rows:
+        if not label.endswith(" budget"):
+            continue
+        b, r = t.removeprefix("size "), rows[t, label]
+        for ref_t, ref_label in (
+            (b, "llama.cpp imatrix"),
+            (up.get(b, ""), "llama.cpp imatrix"),
+            (b, label.removesuffix(" budget")),
+        ):
+            ref = rows.get((ref_t, ref_label))
+            if ref is None:
+                continue
+            print(
+                f"  {label} @ {b}: mean KLD {r['kld'] / ref['kld']:.3f}x {ref_label} {ref_t} "
+                f"({r['kld']:.5f} vs {ref['kld']:.5f}), 99.9% KLD {r['kld_p999'] / ref['kld_p999']:.3f}x"
+            )
 
 
 def judge(model: Path, args: argparse.Namespace, texts: list[Path], work: Path) -> None:
@@ -156,6 +259,11 @@ def judge(model: Path, args: argparse.Namespace, texts: list[Path], work: Path) 
         )
         print_table(files, rows, f32_ppl)
         print_verdicts(rows)
+        print_budget_verdicts(rows)
+        if args.rank_plans and text == texts[0]:
+            llama_tools.kld_base(f32, text, base, chunks=args.chunks)
+            rank_plans(model, args, work, base)
+            base.unlink()
 
 
 def main() -> int:
@@ -168,6 +276,9 @@ def main() -> int:
     ap.add_argument("--types", default="Q4_0,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--chunks", type=int, default=232)
+    ap.add_argument("--budgets", default="", help="budget files: type names (their imatrix size) or sizes")
+    ap.add_argument("--budget-methods", default="gptq", help="methods of the budget files")
+    ap.add_argument("--rank-plans", type=int, default=0, help="random plans for the rank correlation")
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_quality")
     args = ap.parse_args()
     models: list[Path] = args.model or [ROOT / "models" / "qwen3-micro"]
