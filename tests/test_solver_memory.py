@@ -155,10 +155,14 @@ print(json.dumps(int(hwm.split()[1]) / 1024))
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_peak_memory_is_flat_in_the_calibration_tokens(wide: Path, method: str) -> None:
-    """16 -> 64 windows of 256 tokens: the MLP activations of all tokens (4096 wide, float32) grow
-    by 192 MiB, the residual stream (256 wide) by 12 MiB; the peak may grow by the latter only."""
+    """16 -> 128 windows of 256 tokens: holding the MLP activations of all tokens (4096 wide,
+    float32) would add 448 MiB; the residual stream (256 wide) adds 28 MiB and AWQ's strided
+    search sample of the 256-wide inputs grows up to search_tokens (16384). The peak, sampled
+    once per run, moves with allocation timing: measured +53 to +83 MiB for gptq and +52 to +109
+    for awq at 16 -> 128 (and +58 for awq at 16 -> 64 windows, which failed a fresh-clone CI at a
+    48 MiB bound). The bound is half of what the MLP activations would add."""
     peaks = []
-    for nsamples in (16, 64):
+    for nsamples in (16, 128):
         done = subprocess.run(
             [sys.executable, "-c", PEAK, str(wide), method, str(nsamples)],
             capture_output=True,
@@ -167,7 +171,7 @@ def test_peak_memory_is_flat_in_the_calibration_tokens(wide: Path, method: str) 
         )
         assert done.returncode == 0, done.stderr
         peaks.append(json.loads(done.stdout.splitlines()[-1]))
-    assert peaks[1] - peaks[0] < 48, peaks
+    assert peaks[1] - peaks[0] < 224, peaks
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
