@@ -79,6 +79,8 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)  # a new folder is what --workdir usually names
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         ckpt = work / "Qwen3-MoE-Bench"
