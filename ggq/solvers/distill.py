@@ -110,23 +110,12 @@ def _floats(data: np.ndarray, type_name: str, cols: int, device: str) -> torch.T
     return torch.from_numpy(ggml.dequantize(data, type_name, cols)).to(device)
 
 
-def _tensor_bytes(ckpt: Checkpoint, name: str, type_name: str) -> np.ndarray:
-    values = ckpt.load(name)
-    return ggml.quantize(values.reshape(-1, values.shape[-1]), type_name)
-
-
 class _Model:
-    """A Qwen3 as weight dicts: the teacher (checkpoint floats) or the student (file's weights)."""
+    """A Qwen3's ends (embedding, final norm, output); the layers' weight dicts come per call:
+    the teacher's are fixed, the student's rebuilt from the trained codes at every step."""
 
-    def __init__(
-        self,
-        hp: HParams,
-        embed: torch.Tensor,
-        layers: list[dict[str, torch.Tensor]],
-        norm: torch.Tensor,
-        output: torch.Tensor,
-    ) -> None:
-        self.hp, self.embed, self.layers, self.norm, self.output = hp, embed, layers, norm, output
+    def __init__(self, hp: HParams, embed: torch.Tensor, norm: torch.Tensor, output: torch.Tensor) -> None:
+        self.hp, self.embed, self.norm, self.output = hp, embed, norm, output
 
     def logits(
         self, tokens: torch.Tensor, rope: qwen3.Rope, layers: list[dict[str, torch.Tensor]]
@@ -185,16 +174,16 @@ class Distiller:
         self.ckpt, self.types, self.device, self.hp = ckpt, types, device, hp
         self.coded: dict[str, CodedTensor] = {}
         self.norms: dict[str, torch.nn.Parameter] = {}
-        self.fixed: dict[str, np.ndarray] = {}  # solved tensors distillation leaves as they are
+        self.fixed: dict[str, torch.Tensor] = {}  # float linears, decoded once: nothing trains them
         t_layers: list[dict[str, torch.Tensor]] = []
         for i in range(hp.n_layer):
             t_layers.append(qwen3.load_layer(ckpt, i, device))
             for lin in qwen3.LINEARS:
                 name = f"blk.{i}.{lin}.weight"
                 cols = t_layers[i][lin].shape[1]
-                data = solved[name] if name in solved else _tensor_bytes(ckpt, name, types[name])
+                data = solved[name]  # the solver writes every linear of every layer
                 if ggml.is_float(types[name]):
-                    self.fixed[name] = data
+                    self.fixed[name] = _floats(data, types[name], cols, device)
                 else:
                     self.coded[name] = CodedTensor(data, types[name], cols, device)
             for nm in TRAINED_NORMS:
@@ -208,10 +197,10 @@ class Distiller:
         norm = torch.from_numpy(ckpt.load("output_norm.weight")).to(device)
         tied = "output.weight" not in types
         out_f = embed_f if tied else torch.from_numpy(ckpt.load("output.weight")).to(device)
-        self.teacher = _Model(hp, embed_f, t_layers, norm, out_f)
+        self.teacher, self.teacher_layers = _Model(hp, embed_f, norm, out_f), t_layers
         embed_q = self._rtn("token_embd.weight", embed_f)
         out_q = embed_q if tied else self._rtn("output.weight", out_f)
-        self.student = _Model(hp, embed_q, [], norm, out_q)
+        self.student = _Model(hp, embed_q, norm, out_q)
 
     def _rtn(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """The tensor as the writer encodes it (plain RTN, no imatrix), decoded."""
@@ -225,11 +214,7 @@ class Distiller:
             w: dict[str, torch.Tensor] = {}
             for lin in qwen3.LINEARS:
                 name = f"blk.{i}.{lin}.weight"
-                if name in self.coded:
-                    w[lin] = self.coded[name].weight()
-                else:
-                    cols = self.teacher.layers[i][lin].shape[1]
-                    w[lin] = _floats(self.fixed[name], self.types[name], cols, self.device)
+                w[lin] = self.coded[name].weight() if name in self.coded else self.fixed[name]
             for nm in TRAINED_NORMS:
                 w[nm] = self.norms[f"blk.{i}.{nm}.weight"]
             layers.append(w)
@@ -255,7 +240,7 @@ class Distiller:
             layers = self.student_layers()
             for i in range(0, tokens.shape[0], batch):
                 b = tokens[i : i + batch]
-                t = self.teacher.logits(b, rope, self.teacher.layers)
+                t = self.teacher.logits(b, rope, self.teacher_layers)
                 s = self.student.logits(b, rope, layers)
                 total += float(_kl(t, s)) * b.numel()
                 n += b.numel()
@@ -290,7 +275,7 @@ class Distiller:
             frac = 1 - (step - 1) / opts.steps  # linear decay to 0
             norms.param_groups[0]["lr"] = opts.norm_lr * frac
             with torch.no_grad():
-                t = self.teacher.logits(b, rope, self.teacher.layers)
+                t = self.teacher.logits(b, rope, self.teacher_layers)
             loss = _kl(t, self.student.logits(b, rope, self.student_layers()))
             if not torch.isfinite(loss):
                 self.load_state(best_state)
