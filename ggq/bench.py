@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,35 @@ def _vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
-def run_llama_bench(
-    path: Path, n_prompt: int, n_gen: int, repetitions: int, threads: int, n_gpu_layers: int
-) -> tuple[list[dict[str, Any]], float]:
+@dataclass(frozen=True)
+class BenchConfig:
+    """What llama-bench runs: prompt and generated tokens, repetitions, threads (0: all cores
+    this process may use), layers on the GPU (-1: all)."""
+
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 5
+    threads: int = 0
+    n_gpu_layers: int = -1
+
+
+def run_llama_bench(path: Path, cfg: BenchConfig) -> tuple[list[dict[str, Any]], float]:
     """llama-bench's JSON records for one file and the process's peak RSS in MiB.
 
     The peak is VmHWM, sampled every 20 ms while the process runs (it only grows, so the last
     sample holds the peak up to then). Not getrusage: Linux keeps a child's maxrss across exec,
     so it would start at this (much larger) Python process's size.
     """
-    cmd = [str(native.tool_path("llama-bench")), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen)]
-    cmd += ["-r", str(repetitions), "-t", str(threads), "-ngl", str(n_gpu_layers), "-o", "json"]
+    cmd = [
+        str(native.tool_path("llama-bench")),
+        "-m",
+        str(path),
+        "-p",
+        str(cfg.n_prompt),
+        "-n",
+        str(cfg.n_gen),
+    ]
+    cmd += ["-r", str(cfg.repetitions), "-t", str(cfg.threads), "-ngl", str(cfg.n_gpu_layers), "-o", "json"]
     peak = [0.0]
 
     def sample(pid: int) -> None:
@@ -95,16 +113,9 @@ def run_llama_bench(
     return json.loads(done.stdout), peak[0]
 
 
-def bench_file(
-    path: Path,
-    n_prompt: int = 512,
-    n_gen: int = 128,
-    repetitions: int = 5,
-    threads: int = 0,
-    n_gpu_layers: int = -1,
-) -> BenchResult:
-    threads = threads or len(os.sched_getaffinity(0))
-    records, peak = run_llama_bench(path, n_prompt, n_gen, repetitions, threads, n_gpu_layers)
+def bench_file(path: Path, cfg: BenchConfig) -> BenchResult:
+    cfg = replace(cfg, threads=cfg.threads or len(os.sched_getaffinity(0)))
+    records, peak = run_llama_bench(path, cfg)
     return BenchResult(
         file=path.name,
         info=file_info(path),
@@ -112,24 +123,16 @@ def bench_file(
         speeds=[_speed(e) for e in records],
         peak_rss_mib=peak,
         backends=str(records[0]["backends"]),
-        threads=threads,
+        threads=cfg.threads,
     )
 
 
-def run_cli(
-    models: Sequence[Path],
-    n_prompt: int,
-    n_gen: int,
-    repetitions: int,
-    threads: int,
-    n_gpu_layers: int,
-    as_json: bool,
-) -> list[BenchResult]:
+def run_cli(models: Sequence[Path], cfg: BenchConfig, as_json: bool) -> list[BenchResult]:
     from rich.console import Console
     from rich.table import Table
 
     try:
-        native.check_gpu_layers(n_gpu_layers)
+        native.check_gpu_layers(cfg.n_gpu_layers)
         for path in models:
             check_model_file(path, 1)
     except (native.DeviceError, GGUFFormatError, ModelFileError) as exc:
@@ -139,14 +142,14 @@ def run_cli(
     with err.status("") as status:
         for i, path in enumerate(models):
             status.update(
-                f"llama-bench {path.name} ({i + 1}/{len(models)}): pp{n_prompt}, tg{n_gen} x {repetitions}"
+                f"llama-bench {path.name} ({i + 1}/{len(models)}): pp{cfg.n_prompt}, tg{cfg.n_gen} x {cfg.repetitions}"
             )
-            results.append(bench_file(path, n_prompt, n_gen, repetitions, threads, n_gpu_layers))
+            results.append(bench_file(path, cfg))
     if as_json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return results
     table = Table(
-        title=f"llama-bench, {results[0].threads} threads, {results[0].backends}, median of {repetitions}"
+        title=f"llama-bench, {results[0].threads} threads, {results[0].backends}, median of {cfg.repetitions}"
     )
     for name in ("file", "type", "MiB", "bpw"):
         table.add_column(name, justify="left" if name in ("file", "type") else "right")

@@ -475,7 +475,8 @@ def bench(
 
     if n_prompt == 0 and n_gen == 0:
         raise UserError("-p 0 and -n 0: nothing to measure")
-    bench_mod.run_cli(models, n_prompt, n_gen, repetitions, threads, n_gpu_layers, as_json)
+    cfg = bench_mod.BenchConfig(n_prompt, n_gen, repetitions, threads, n_gpu_layers)
+    bench_mod.run_cli(models, cfg, as_json)
 
 
 @main.command()

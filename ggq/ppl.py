@@ -15,7 +15,7 @@ from typing import Any
 
 from ggq import native
 from ggq.eval.baseline import q4_0_baseline
-from ggq.eval.compare import Row, against_base
+from ggq.eval.compare import Row, Update, against_base
 from ggq.eval.fileinfo import file_info, type_label
 from ggq.eval.perplexity import (
     DEFAULT_TEXT,
@@ -67,23 +67,11 @@ def _plain_rows(
     return rows
 
 
-def rows_against_base(
-    base: Path,
-    models: Sequence[tuple[Path, str]],
-    text: bytes,
-    source: str,
-    config: PerplexityConfig,
-    quiet: bool,
-) -> list[Row]:
-    """``compare.against_base`` under a progress bar with each model's running KLD."""
-    with _progress(quiet) as bar:
-        task = bar.add_task(f"{len(models)} model(s) vs {base.name}", total=None, info="")
+def _kld_updater(bar: Any, task: Any) -> Update:
+    def update(done: int, total: int, running: list[tuple[float, float]]) -> None:
+        bar.update(task, completed=done, total=total, info="  ".join(f"KLD {k:.5f}" for _, k in running))
 
-        def update(done: int, total: int, running: list[tuple[float, float]]) -> None:
-            info = "  ".join(f"KLD {k:.5f}" for _, k in running)
-            bar.update(task, completed=done, total=total, info=info)
-
-        return against_base(base, models, text, source, config, update)
+    return update
 
 
 def _render(rows: list[Row], source: str, has_base: bool) -> None:
@@ -194,7 +182,9 @@ def run_cli(
         entries = [(p, "model") for p in models]
         if vs_q4_0:
             entries.append((q4_0_baseline(base, config.n_threads), "llama.cpp Q4_0"))
-        rows = rows_against_base(base, entries, text, source, config, as_json)
+        with _progress(as_json) as bar:  # one pass: a bar with each model's running KLD
+            task = bar.add_task(f"{len(entries)} model(s) vs {base.name}", total=None, info="")
+            rows = against_base(base, entries, text, source, config, _kld_updater(bar, task))
     if plot is not None:
         write_plot(rows, plot, source)
     if as_json:

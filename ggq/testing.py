@@ -117,6 +117,9 @@ VARIANTS: dict[str, Qwen3Spec] = {
         vocab_size=QWEN3_VOCAB_ROWS, hidden_size=32, head_dim=8, intermediate_size=64, seed=4
     ),
 }
+# rows of 256 (q/k/v/gate/up) and 512 (ffn_down): whole 256-blocks, so every k-quant applies
+# unchanged (the narrow VARIANTS fall back to legacy types); tests vary it with dataclasses.replace
+WIDE = Qwen3Spec(hidden_size=256, head_dim=64, intermediate_size=512)
 # Qwen3MoeForCausalLM fixtures, apart: VARIANTS are the dense ones
 MOE_VARIANTS: dict[str, Qwen3MoeSpec] = {
     # Qwen3-MoE, untied like Qwen3-30B-A3B, two shards (experts of one layer in both)

@@ -19,6 +19,7 @@ from ggq.gguf import read_gguf
 from ggq.plan import recipe as rc
 from ggq.solvers import awq
 from ggq.solvers.gptq import supported_types
+from tests.convert_helpers import check_trio, micro_trio, solver_gguf
 from tests.test_qwen3_forward import logits
 
 
@@ -99,36 +100,13 @@ def test_refit_norm_undoes_a_per_channel_distortion() -> None:
     np.testing.assert_allclose(u, c, rtol=1e-4)
 
 
-SMALL = {"nsamples": 8, "seqlen": 128}
-
-
-def awq_gguf(ckpt_dir: Path, out: Path, file_type: str, method: str = "awq", **kw: object) -> Path:
-    cal = CalibOptions(**{**SMALL, **kw})  # type: ignore[arg-type]
-    convert(Checkpoint(ckpt_dir), out, ConvertOptions(rc.RecipeOptions(file_type), method=method, cal=cal))
-    return out
-
-
 @pytest.fixture(scope="module")
 def micro_files(qwen3_micro: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("awq")
-    files = {"F32": d / "f32.gguf", "rtn": d / "rtn.gguf", "awq": d / "awq.gguf"}
-    convert(Checkpoint(qwen3_micro), files["F32"], ConvertOptions(rc.RecipeOptions("F32")))
-    convert(Checkpoint(qwen3_micro), files["rtn"], ConvertOptions(rc.RecipeOptions("Q4_0")))
-    awq_gguf(qwen3_micro, files["awq"], "Q4_0", nsamples=16, seqlen=256)
-    return files
+    return micro_trio(qwen3_micro, tmp_path_factory.mktemp("awq"), "awq", "Q4_0")
 
 
 def test_awq_file_has_rtn_layout_and_provenance(micro_files: dict[str, Path]) -> None:
-    rtn, ours = read_gguf(micro_files["rtn"]), read_gguf(micro_files["awq"])
-    assert {n: (t.type_id, t.nbytes) for n, t in ours.tensors.items()} == {
-        n: (t.type_id, t.nbytes) for n, t in rtn.tensors.items()
-    }
-    meta = ours.metadata
-    assert meta["ggq.method"] == "awq"
-    assert meta["ggq.calibration.file"] == "gutenberg-train-sample.txt"
-    assert (meta["ggq.calibration.nsamples"], meta["ggq.calibration.seqlen"]) == (16, 256)
-    assert len(meta["ggq.calibration.sha256"]) == 64
-    changed = {n for n in rtn.tensors if not np.array_equal(rtn.tensor_data(n), ours.tensor_data(n))}
+    changed = check_trio(micro_files, "awq")
     assert "blk.3.attn_norm.weight" in changed and "blk.3.ffn_norm.weight" in changed  # scales folded in
     assert "token_embd.weight" not in changed and "blk.3.attn_q_norm.weight" not in changed
 
@@ -146,8 +124,8 @@ def test_awq_is_closer_to_f32_than_rtn(micro_files: dict[str, Path], heldout: Pa
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_awq_is_deterministic(checkpoint, tmp_path: Path, method: str) -> None:
     ckpt_dir = checkpoint("untied")
-    a = awq_gguf(ckpt_dir, tmp_path / "a.gguf", "Q4_0", method, nsamples=4, seqlen=64)
-    b = awq_gguf(ckpt_dir, tmp_path / "b.gguf", "Q4_0", method, nsamples=4, seqlen=64)
+    a = solver_gguf(ckpt_dir, tmp_path / "a.gguf", "Q4_0", method, nsamples=4, seqlen=64)
+    b = solver_gguf(ckpt_dir, tmp_path / "b.gguf", "Q4_0", method, nsamples=4, seqlen=64)
     assert a.read_bytes() == b.read_bytes()
     assert read_gguf(a).metadata["ggq.method"] == method
 

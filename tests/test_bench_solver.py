@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_outside_a_clock_nothing_is_recorded() -> None:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = testing.Qwen3Spec(hidden_size=256, intermediate_size=512, head_dim=64, seed=3)
+    spec = replace(testing.WIDE, seed=3)
     return testing.build_checkpoint(tmp_path_factory.mktemp("bench") / "ckpt", spec)
 
 

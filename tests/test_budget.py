@@ -23,10 +23,8 @@ from ggq.plan import budget as bud
 from ggq.plan import sensitivity as sen
 from ggq.plan.recipe import RecipeOptions
 
-# 256-wide rows (k-quants apply), untied (output.weight and token_embd.weight both planned)
-SPEC = testing.Qwen3Spec(
-    hidden_size=256, head_dim=64, intermediate_size=512, vocab_size=1024, tie_word_embeddings=False, seed=11
-)
+# k-quants apply; untied (output.weight and token_embd.weight both planned)
+SPEC = replace(testing.WIDE, tie_word_embeddings=False, seed=11)
 TIED = replace(SPEC, tie_word_embeddings=True, seed=12)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,18 +158,10 @@ def plan_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     """Fixtures whose rows fit 256-blocks (16 layers: every use_more_bits branch) and ones that do not."""
     out = {}
     specs = {
-        "wide-untied": testing.Qwen3Spec(
-            hidden_size=256,
-            head_dim=64,
-            intermediate_size=512,
-            num_hidden_layers=16,
-            vocab_size=512,
-            tie_word_embeddings=False,
-            seed=7,
+        "wide-untied": replace(
+            testing.WIDE, num_hidden_layers=16, vocab_size=512, tie_word_embeddings=False, seed=7
         ),
-        "wide-tied": testing.Qwen3Spec(
-            hidden_size=256, head_dim=64, intermediate_size=512, num_hidden_layers=8, vocab_size=512, seed=8
-        ),
+        "wide-tied": replace(testing.WIDE, num_hidden_layers=8, vocab_size=512, seed=8),
         "narrow-tied": testing.VARIANTS["tied"],
         "odd-head-dim": testing.VARIANTS["odd-head-dim"],
     }

@@ -130,21 +130,18 @@ def test_quantize_without_imatrix_matches_ggml(type_name: str, kind: str) -> Non
     )
 
 
-@pytest.mark.parametrize("kind", list(INPUTS))
+# "positive": ordinary importances; "wide": zero and extreme ones (zero-weight sums, D <= 0 and
+# all-zero qp inputs)
+IMATRIX_CASES = [("positive", kind) for kind in INPUTS] + [
+    ("wide", kind) for kind in ("gaussian", "heavy_tailed", "zero_super_block", "constant_sub_blocks")
+]
+
+
+@pytest.mark.parametrize(("imatrix", "kind"), IMATRIX_CASES)
 @pytest.mark.parametrize("type_name", TYPES)
-def test_quantize_with_imatrix_matches_ggml(type_name: str, kind: str) -> None:
+def test_quantize_with_imatrix_matches_ggml(type_name: str, imatrix: str, kind: str) -> None:
     """Guards the imatrix (``_impl``) path: sigma2 weights, qkx3 / qp / qx searches."""
-    rows, im = _rows(kind), _imatrix("positive")
-    type_id = kq.KQUANTS[type_name].type_id
-    got = registry.quantize(rows, type_name, im, impl="numpy")
-    _assert_same_blocks(got, ggml_ref.quantize(rows, type_id, im), type_name)
-
-
-@pytest.mark.parametrize("kind", ["gaussian", "heavy_tailed", "zero_super_block", "constant_sub_blocks"])
-@pytest.mark.parametrize("type_name", TYPES)
-def test_quantize_with_wide_sparse_imatrix_matches_ggml(type_name: str, kind: str) -> None:
-    """Guards zero and extreme importances: zero-weight sums, D <= 0 and all-zero qp inputs."""
-    rows, im = _rows(kind), _imatrix("wide")
+    rows, im = _rows(kind), _imatrix(imatrix)
     type_id = kq.KQUANTS[type_name].type_id
     got = registry.quantize(rows, type_name, im, impl="numpy")
     _assert_same_blocks(got, ggml_ref.quantize(rows, type_id, im), type_name)

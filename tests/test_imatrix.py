@@ -4,6 +4,7 @@ llama-quantize accepts ggq's files and quantizes with exactly the importance ggq
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,7 @@ from ggq.gguf import read_gguf
 from ggq.imatrix import ImatrixError, load_imatrix, read_imatrix, save_imatrix
 from ggq.plan import recipe as rc
 
-SPEC = testing.Qwen3Spec(
-    hidden_size=256, head_dim=64, intermediate_size=512, num_hidden_layers=2, vocab_size=512, seed=3
-)
+SPEC = replace(testing.WIDE, vocab_size=512, seed=3)
 
 
 @pytest.fixture(scope="module")

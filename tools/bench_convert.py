@@ -98,19 +98,40 @@ def bench_encoders(types: list[str], n_rows: int, n_per_row: int, repeat: int) -
     return 0 if same else 1
 
 
+def convert_side_by_side(
+    ckpt: Path, work: Path, file_type: str, threads: int, outtype: str
+) -> tuple[tuple[Run, Run, Run], Path, Path]:
+    """``ggq convert CKPT --type T`` against convert_hf_to_gguf.py ``--outtype`` + llama-quantize,
+    each its own process with the same threads: the three runs, ggq's file and llama.cpp's."""
+    ggq_out, mid, ref_out = work / "ggq.gguf", work / f"ref-{outtype}.gguf", work / "ref.gguf"
+    cmd = [sys.executable, "-m", "ggq.cli", "convert", str(ckpt), "--type", file_type, "-o", str(ggq_out)]
+    ggq = measure("ggq convert", [*cmd, "-t", str(threads)], threads)
+    script = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    hf_cmd = [sys.executable, str(script), str(ckpt), "--outtype", outtype, "--outfile", str(mid)]
+    hf = measure(f"convert_hf_to_gguf {outtype}", hf_cmd, threads)
+    tool = str(native.tool_path("llama-quantize"))
+    quant = measure("llama-quantize", [tool, str(mid), str(ref_out), file_type, str(threads)], threads)
+    return (ggq, hf, quant), ggq_out, ref_out
+
+
 def checkpoint_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=2048)
+def convert_bench_parser(doc: str | None, layers: int) -> argparse.ArgumentParser:
+    """The options of a convert benchmark on a synthetic checkpoint (this one, bench_moe_convert):
+    its layers, the threads both tools get, the file type, and where the temporary folder goes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--type", default="Q4_K_M")
-    parser.add_argument("--workdir", type=Path, help="keep files here (default: a temporary directory)")
+    parser.add_argument("--workdir", type=Path, help="where the temporary folder goes (removed at the end)")
+    return parser
+
+
+def main() -> int:
+    parser = convert_bench_parser(__doc__, layers=12)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument(
         "--encoders", action="store_true", help="time ggml_quantize_chunk against ggq._quants"
     )
@@ -140,30 +161,7 @@ def main() -> int:
         size = checkpoint_size(ckpt)
         print(f"checkpoint: {ckpt.name}, {size / 2**30:.2f} GiB bf16 in 4 shards, {args.threads} threads")
 
-        ggq_out = work / "ggq.gguf"
-        ggq = measure(
-            "ggq convert",
-            [sys.executable, "-m", "ggq.cli", "convert", str(ckpt), "--type", args.type, "-o", str(ggq_out)],
-            args.threads,
-        )
-        f16 = work / "ref-f16.gguf"
-        script = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-        hf = measure(
-            "convert_hf_to_gguf f16",
-            [sys.executable, str(script), str(ckpt), "--outtype", "f16", "--outfile", str(f16)],
-            args.threads,
-        )
-        quant = measure(
-            "llama-quantize",
-            [
-                str(native.tool_path("llama-quantize")),
-                str(f16),
-                str(work / "ref.gguf"),
-                args.type,
-                str(args.threads),
-            ],
-            args.threads,
-        )
+        ggq, hf, quant = convert_side_by_side(ckpt, work, args.type, args.threads, outtype="f16")[0]
 
     ref_time = hf.seconds + quant.seconds
     ref_rss = max(hf.peak_rss_mib, quant.peak_rss_mib)

@@ -21,18 +21,17 @@ quantize the same bf16 values). Exits 1 if they differ.
 
 from __future__ import annotations
 
-import argparse
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_convert import Run, checkpoint_size, measure  # tools/ is sys.path[0] when run as a script
-
-from ggq import native
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench_convert import (  # tools/ is sys.path[0] when run as a script
+    Run,
+    checkpoint_size,
+    convert_bench_parser,
+    convert_side_by_side,
+)
 
 BUILD = """
 import sys
@@ -67,16 +66,8 @@ def same_tensors(a: Path, b: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--layers", type=int, default=2)
+    parser = convert_bench_parser(__doc__, layers=2)
     parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--type", default="Q4_K_M")
-    parser.add_argument(
-        "--workdir", type=Path, help="where the temporary directory goes (removed at the end)"
-    )
     args = parser.parse_args()
 
     if args.workdir is not None:
@@ -93,20 +84,8 @@ def main() -> int:
             f"checkpoint: {args.layers} layers x {args.experts} experts, {size / 2**30:.2f} GiB bf16 "
             f"in {n_shards} shards, {args.threads} threads"
         )
-        ggq_out = work / "ggq.gguf"
-        cmd = [sys.executable, "-m", "ggq.cli", "convert", str(ckpt), "--type", args.type, "-o", str(ggq_out)]
-        ggq = measure("ggq convert", [*cmd, "-t", str(args.threads)], args.threads)
-        bf16 = work / "ref-bf16.gguf"
-        script = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-        hf = measure(
-            "convert_hf_to_gguf bf16",
-            [sys.executable, str(script), str(ckpt), "--outtype", "bf16", "--outfile", str(bf16)],
-            args.threads,
-        )
-        ref_out = work / "ref.gguf"
-        tool = str(native.tool_path("llama-quantize"))
-        quant = measure(
-            "llama-quantize", [tool, str(bf16), str(ref_out), args.type, str(args.threads)], args.threads
+        (ggq, hf, quant), ggq_out, ref_out = convert_side_by_side(
+            ckpt, work, args.type, args.threads, outtype="bf16"
         )
         differing = same_tensors(ggq_out, ref_out)
         sizes = ggq_out.stat().st_size, ref_out.stat().st_size

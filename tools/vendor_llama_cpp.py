@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ggq.files import sha256_file  # noqa: E402  (standard library only, like this script)
+
 LOCK_FILE = ROOT / "native" / "llama_cpp.lock.json"
 STAMP_NAME = ".ggq-vendor.json"
 INDEX_JSON = "https://pypi.org/pypi/{package}/json"
@@ -55,14 +59,6 @@ class Lock:
     def load(cls, path: Path = LOCK_FILE) -> Lock:
         data = json.loads(path.read_text())
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_digest(tree: Path) -> str:

@@ -221,6 +221,18 @@ def _affine_ref(x: np.ndarray, nmax: int, clamp: bool) -> tuple[np.ndarray, np.n
     return d, vmin, codes
 
 
+def _affine_codes(
+    x: np.ndarray, w: np.ndarray | None, n_per_row: int | None, type_name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 / Q5_1: ``(d, m, codes)`` with value = d * code + m; the reference rounding without an
+    importance, ggml's qkx3 search (the imatrix path) with one."""
+    nmax = 15 if type_name == "Q4_1" else 31
+    if w is None:  # q4_1 clamps the codes with MIN(15, (int8_t)...), q5_1 does not
+        return _affine_ref(x, nmax, clamp=type_name == "Q4_1")
+    d, the_min, codes = make_qkx3_quants(x, nmax, row_importance(x, w, n_per_row, type_name), -0.9, 0.05, 36)
+    return d, -the_min, codes
+
+
 # ---------------------------------------------------------------- the formats
 
 
@@ -241,11 +253,7 @@ def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
 
 def quantize_q4_1(x: np.ndarray, w: np.ndarray | None = None, n_per_row: int | None = None) -> np.ndarray:
     """``(nb, 32)`` -> ``(nb, 20)``: fp16 d, fp16 m, 16 bytes of nibbles; value = d * code + m."""
-    if w is None:
-        d, m, codes = _affine_ref(x, 15, clamp=True)
-    else:
-        d, the_min, codes = make_qkx3_quants(x, 15, row_importance(x, w, n_per_row, "Q4_1"), -0.9, 0.05, 36)
-        m = -the_min
+    d, m, codes = _affine_codes(x, w, n_per_row, "Q4_1")
     return np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_nibbles(codes)], axis=1)
 
 
@@ -272,11 +280,7 @@ def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
 
 def quantize_q5_1(x: np.ndarray, w: np.ndarray | None = None, n_per_row: int | None = None) -> np.ndarray:
     """``(nb, 32)`` -> ``(nb, 24)``: fp16 d, fp16 m, 4 bytes of fifth bits, 16 of nibbles; value = d * code + m."""
-    if w is None:
-        d, m, codes = _affine_ref(x, 31, clamp=False)
-    else:
-        d, the_min, codes = make_qkx3_quants(x, 31, row_importance(x, w, n_per_row, "Q5_1"), -0.9, 0.05, 36)
-        m = -the_min
+    d, m, codes = _affine_codes(x, w, n_per_row, "Q5_1")
     return np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_high_bits(codes), pack_nibbles(codes)], axis=1)
 
 
