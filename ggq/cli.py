@@ -97,6 +97,17 @@ def _csv(value: str, option: str, known: Iterable[str]) -> tuple[str, ...]:
     return items
 
 
+def _bpw_list(value: str) -> tuple[float, ...]:
+    """``--budgets 3.5,4.0``: bits per weight (empty: none)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return tuple(float(v) for v in items)
+    except ValueError:
+        raise UserError(
+            f"--budgets {value!r}: expected comma-separated bits per weight, e.g. 3.5,4.0,4.5"
+        ) from None
+
+
 def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     pairs = []
     for v in values:
@@ -488,6 +499,11 @@ def bench(
     "--bits", default="2,3,4,5,8", show_default=True, help="Comma-separated bits; 2 Q2_K ... 8 Q8_0."
 )
 @click.option(
+    "--budgets",
+    default="",
+    help="Comma-separated bits per weight, e.g. 3.5,4.0,4.5: per method a size-budget file (--target-bpw).",
+)
+@click.option(
     "-f",
     "--file",
     "texts",
@@ -530,6 +546,7 @@ def study(
     model: Path,
     methods: str,
     bits: str,
+    budgets: str,
     texts: tuple[Path, ...],
     out: Path | None,
     base_type: str,
@@ -554,6 +571,7 @@ def study(
         model=model,
         methods=_csv(methods, "--methods", METHODS),
         bits=_csv(bits, "--bits", BITS_RECIPES),
+        budgets=_bpw_list(budgets),
         texts=texts,
         out=out or Path(f"study-{model.name}"),
         base_type=base_type.upper(),

@@ -67,15 +67,16 @@ class StudyConfig:
     threads: int = 0
     references: bool = True
     tasks: Path | None = None
+    budgets: tuple[float, ...] = ()  # bits per weight: one --target-bpw file per method and budget
 
 
 @dataclass
 class Entry:
     """One file of the study: how it is made, where it lives, how it scored."""
 
-    method: str  # a ggq method, a reference name, or "base"
-    bits: str  # "3", ... ("32"/"16" for the base)
-    type: str
+    method: str  # a ggq method, "<method> budget", a reference name, or "base"
+    bits: str  # "3", ... ("32"/"16" for the base; the bits per weight asked of a budget file)
+    type: str  # the file type ("mixed" for a budget file)
     path: Path
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # text name -> ppl row
     tasks: dict[str, float] = field(default_factory=dict)
@@ -178,6 +179,9 @@ class Study:
         for b in cfg.bits:
             if b not in rc.BITS_RECIPES:
                 raise StudyError(f"--bits: {b!r} is not one of {', '.join(rc.BITS_RECIPES)}")
+        for bpw in cfg.budgets:
+            if not (math.isfinite(bpw) and 0 < bpw <= 16):
+                raise StudyError(f"--budgets: {bpw:g} is not a number of bits per weight in (0, 16]")
         if cfg.base_type not in ggml.FLOAT_TYPES:
             raise StudyError(f"--base-type {cfg.base_type}: expected one of {', '.join(ggml.FLOAT_TYPES)}")
         if not cfg.model.is_dir():
@@ -244,6 +248,29 @@ class Study:
             self._convert(path, opts)
             self.log(f"  {path.name}: {time.perf_counter() - start:.0f} s")
         return Entry(method, bits, t, path)
+
+    def budget_quant(self, method: str, bpw: float) -> Entry:
+        """``ggq convert --method M --target-bpw B``: per-tensor types from the sensitivity measured
+        once per method (cached in the study's folder) and the knapsack; keyed by the options and
+        the budget (the plan follows from them)."""
+        from ggq.checkpoint import Checkpoint
+        from ggq.convert import convert
+        from ggq.plan.budget import BudgetRequest, plan_budget
+
+        t = rc.BITS_RECIPES["4"]  # the recipe the planner starts from (what it leaves fixed)
+        opts = self.options(t, method)
+        key = _key(conversion_key(opts, self.digest, self.calib_sha, self.code, self.llama_cpp), "bpw", bpw)
+        path = self._path(f"{bpw:g}bpw", f"{method} budget", key)
+        if not path.exists():
+            start = time.perf_counter()
+            self.log(f"convert {self.name} --method {method} --target-bpw {bpw:g}")
+            ckpt = Checkpoint(self.cfg.model)
+            req = BudgetRequest(bpw=bpw, cache=self.cfg.out / "sensitivity")
+            planned = plan_budget(ckpt, opts, req, lambda line: self.log(f"  {line}"))
+            self.gguf_dir.mkdir(parents=True, exist_ok=True)
+            convert(ckpt, path, planned.opts)
+            self.log(f"  {path.name}: {time.perf_counter() - start:.0f} s")
+        return Entry(f"{method} budget", f"{bpw:g}", "mixed", path)
 
     def imatrix(self, base: Entry) -> Path:
         # the base's name carries its key (checkpoint, ggq's code, llama.cpp build); not keyed:
@@ -355,6 +382,9 @@ class Study:
         for method in self.cfg.methods:
             for bits in self.cfg.bits:
                 entries.append(self.quant(method, bits))
+        for method in self.cfg.methods:
+            for bpw in self.cfg.budgets:
+                entries.append(self.budget_quant(method, bpw))
         self.evaluate(base, entries)
         if self.cfg.tasks is not None:
             from ggq.tasks import run_tasks
@@ -415,6 +445,7 @@ class Study:
                 "seqlen": self.cfg.seqlen,
                 "seed": self.cfg.seed,
             },
+            "budgets": list(self.cfg.budgets),
             "n_ctx": self.cfg.n_ctx,
             "chunks": self.cfg.chunks,
             "ggq_version": __version__,
@@ -484,7 +515,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 
 def write_plots(doc: dict[str, Any], out: Path) -> None:
-    """ppl.png and kld.png: the first text's PPL and KLD against bits per weight, one line per method."""
+    """ppl.png and kld.png, Pareto plots of the first text: PPL and mean KLD against the file's size,
+    one line per maker (llama.cpp's RTN and imatrix recipes dashed, each ggq method's fixed recipes
+    solid, its size-budget files dash-dotted), the smallest file first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -492,20 +525,21 @@ def write_plots(doc: dict[str, Any], out: Path) -> None:
 
     text = doc["texts"][0]
     base = next(r for r in doc["rows"] if r["method"] == "base")
-    methods = list(dict.fromkeys(r["method"] for r in doc["rows"] if r["method"] != "base"))
+    makers = list(dict.fromkeys(r["method"] for r in doc["rows"] if r["method"] != "base"))
     for metric, fname, label in (
         ("ppl", "ppl.png", f"PPL on {text}"),
         ("kld", "kld.png", f"mean KLD vs {base['type']} on {text}"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m in methods:
-            pts = sorted((r["bpw"], r["texts"][text][metric]) for r in doc["rows"] if r["method"] == m)
-            style = "--" if m in REFERENCES else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=m)
+        for m in makers:
+            pts = sorted((r["size_mib"], r["texts"][text][metric]) for r in doc["rows"] if r["method"] == m)
+            style = "--" if m in REFERENCES else "-." if m.endswith(" budget") else "-"
+            marker = "s" if m.endswith(" budget") else "o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=m)
         if metric == "ppl":
             ax.axhline(base["texts"][text]["ppl"], color="gray", linestyle=":", label=f"{base['type']}")
         ax.set_yscale("log")
-        ax.set_xlabel("bits per weight")
+        ax.set_xlabel("file size (MiB)")
         ax.set_ylabel(label)
         ax.set_title(f"{Path(doc['model']).name}: {label}", fontsize=10)
         ax.grid(True, alpha=0.3)
