@@ -445,12 +445,12 @@ class Study:
                 "seqlen": self.cfg.seqlen,
                 "seed": self.cfg.seed,
             },
-            "budgets": list(self.cfg.budgets),
             "n_ctx": self.cfg.n_ctx,
             "chunks": self.cfg.chunks,
             "ggq_version": __version__,
             "llama_cpp_commit": native.load().LLAMA_CPP_COMMIT,
             "rows": rows,
+            **({"budgets": list(self.cfg.budgets)} if self.cfg.budgets else {}),  # absent: as before
         }
 
 
