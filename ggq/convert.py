@@ -118,14 +118,22 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
 
 
 def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
-    """MoE is RTN only so far: the solvers do not route calibration tokens to experts yet."""
-    if not ckpt.arch.is_moe:
+    """MoE: RTN and gptq (per expert, on the tokens the router sends it: solvers/layerwise.py
+    solve_experts). AWQ's scales, --save-imatrix's per-expert entries and --distill's student
+    forward do not route to experts yet."""
+    if not ckpt.arch.is_moe or opts.method not in METHODS or not opts.kind.needs_calibration:
         return
-    if opts.method in METHODS and opts.kind.needs_calibration:
+    if opts.kind.scales_activations:
         raise ConvertError(
-            f"--method {opts.method}: not yet for {ckpt.arch.hf_name} (calibration per expert is to come); "
-            "use --method rtn"
+            f"--method {opts.method}: not yet for {ckpt.arch.hf_name} (AWQ scales per expert are to come); "
+            "use --method gptq or rtn"
         )
+    if opts.save_imatrix:
+        raise ConvertError(
+            f"--save-imatrix: not yet for {ckpt.arch.hf_name} (per-expert entries are to come)"
+        )
+    if opts.distill.steps:
+        raise ConvertError(f"--distill: not yet for {ckpt.arch.hf_name} (the student has no expert routing)")
 
 
 def bits_per_weight(tensors: list[PlannedTensor]) -> float:

@@ -8,6 +8,7 @@ once here and handed to ``convert``.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ def layer_line(method: str, rep: LayerReport, damp: float) -> str:
     line = f"layer {rep.layer:3d}  {rep.seconds:6.1f}s  rel. output error rtn->{method}: {errs}"
     line += f"  awq scales: {alphas}" if alphas else ""
     line += f"  damping raised (H not positive definite at {damp:g}): {raised}" if raised else ""
+    if rep.expert_tokens:  # Qwen3-MoE
+        n = sorted(rep.expert_tokens)
+        line += f"  tokens per expert min/median/max {n[0]}/{statistics.median(n):g}/{n[-1]}"
+        line += f", {len(rep.expert_fallbacks)} fell back (pooled X^T X): {rep.expert_fallbacks}"
     return line
 
 
@@ -57,6 +62,11 @@ def layer_json(rep: LayerReport) -> dict[str, object]:
         "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
         "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
         **({"gptq_damp": rep.damp} if rep.damp else {}),
+        **(
+            {"expert_tokens": rep.expert_tokens, "expert_fallbacks": rep.expert_fallbacks}
+            if rep.expert_tokens
+            else {}
+        ),
     }
 
 

@@ -36,6 +36,7 @@ the quantized tensors before it, and the refit norms applied.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
@@ -274,6 +275,9 @@ class _Layer:
     dev: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights on opts.device
     # linear -> (sum of x^2 per input column, tokens) of the input it reads in the written model
     act_sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    # Qwen3-MoE: merged expert tensor -> each expert's bytes so far, and (rtn, solver) errors
+    expert_out: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    expert_errors: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.refresh(*self.w)
@@ -379,6 +383,48 @@ class _Layer:
             self.act_sums[name] = (stats.sum_sq, stats.tokens)
             self.set(name, torch.from_numpy(q))
 
+    def quantize_expert(self, name: str, e: int, stats: InputStats, last_use: bool = False) -> None:
+        """GPTQ of expert ``e`` of the merged ``name`` on its input's X^T X: its bytes go to
+        ``expert_out``, its slice of the layer's weights (and their device copy) becomes the decoded one."""
+        t, we = self.types[name], self.w[name][e].numpy()  # (rows, cols), a view of the 3-D tensor
+        if t in ggml.FLOAT_TYPES:
+            with timed("encode"):
+                data = ggml.quantize(we, t)
+                q = ggml.dequantize(data, t, we.shape[1])
+        else:
+            assert stats.h_full is not None
+            with timed("solve"):
+                res = gptq(
+                    we,
+                    stats.h_full,
+                    Target(t),
+                    damp=self.opts.damp,
+                    act_order=self.opts.act_order,
+                    overwrite=last_use,
+                )
+            data, q = res.data, res.weights
+            self.rep.damp[name] = max(self.rep.damp.get(name, 0.0), res.damp)
+            if stats.x_sample is not None:
+                with timed("diag"):
+                    rtn = awq.quantized_weights(we, t, None)
+                    errs = _rel_errors(we, [rtn, q], stats.x_sample)
+                    self.expert_errors.setdefault(name, []).append((errs[0], errs[1]))
+        self.expert_out.setdefault(name, []).append(data)
+        self.w[name][e] = torch.from_numpy(q)
+        if self.dev[name] is not self.w[name]:
+            self.dev[name][e] = self.w[name][e].to(self.dev[name].device)
+
+    def finish_experts(self) -> None:
+        """The merged tensors' bytes, expert 0 first (each expert's rows whole: ggml's 3-D layout);
+        the report's error of a merged tensor is the mean over its experts."""
+        for name, parts in self.expert_out.items():
+            self.out[name] = np.concatenate(parts)
+        for name, errs in self.expert_errors.items():
+            self.rep.errors[name] = (
+                float(np.mean([a for a, _ in errs])),
+                float(np.mean([b for _, b in errs])),
+            )
+
     def refit(self, norm: str, names: tuple[str, ...], stats: InputStats) -> bool:
         """AWQ: the norm feeding the quantized ``names`` refit by least squares (awq.refit_norm)."""
         if not self.refits:
@@ -460,6 +506,12 @@ def solve_layer(
     L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
     L.quantize(("attn_output",), L.stats(batches(o_in), tokens), last_use=True)
     residual(lambda b: o_in(b) @ d["attn_output"].T)
+    if qwen3.ROUTER in w:  # Qwen3-MoE: the experts, each on the tokens the router sends it
+        solve_experts(L, lambda: batches(mlp_in), tokens)
+        residual(lambda b: qwen3.moe_core(mlp_in(b), d, hp))
+        if not finite[0]:
+            raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
+        return h, LayerResult(L.out, L.act_sums)
     L.scale("ffn_norm", lambda: batches(mlp_in), tokens)
     st = L.stats(batches(mlp_in), tokens, refit=True)
     L.quantize(("ffn_gate",), st)
@@ -474,6 +526,82 @@ def solve_layer(
     if opts.kind.scales_activations:
         L.finish_norms()
     return h, LayerResult(L.out, L.act_sums)
+
+
+EXPERT_WEIGHTINGS = ("plain", "weighted")
+
+
+def solve_experts(L: _Layer, inputs: Callable[[], Iterable[torch.Tensor]], tokens: int) -> None:
+    """GPTQ of every expert of a Qwen3-MoE layer, one expert at a time (its X^T X only in memory).
+
+    ``inputs()`` yields the MLP input (the normed residual, with the layer's attention already
+    quantized) batch by batch. The router (float32, kept as it is) routes each token once; expert
+    e's gate/up are solved on the X^T X of the tokens routed to it, its down on the SwiGLU of those
+    tokens through its quantized gate/up. ``expert_weighting`` "weighted" scales each token's row
+    by its routing weight (X^T X then weights it by the square: the factor of its output error).
+
+    Fallback: an expert routed fewer than ``expert_min_tokens`` tokens (default n_embd: below it
+    its X^T X cannot have full rank and GPTQ would fit the damping) is solved as if every token of
+    the layer were routed to it with weight 1, i.e. on the pooled X^T X of all calibration tokens
+    (and its own SwiGLU of them for down). Never left unquantized; the report lists the tokens per
+    expert and the experts that fell back."""
+    hp, opts, rep, d = L.hp, L.opts, L.rep, L.dev
+    where = f"layer {rep.layer}"
+    if opts.kind.scales_activations:
+        raise SolverError(f"{where}: --method {opts.method} is not yet done for experts (gptq is)")
+    if opts.expert_weighting not in EXPERT_WEIGHTINGS:
+        raise SolverError(
+            f"expert weighting {opts.expert_weighting!r}: expected one of {', '.join(EXPERT_WEIGHTINGS)}"
+        )
+    with timed("forward"):
+        routings = [qwen3.route(x, d, hp) for x in inputs()]
+    unrouted = sum(int((~torch.isfinite(r.weights).all(-1)).sum()) for r in routings)
+    if unrouted:
+        raise SolverError(
+            f"{where}: blk.{rep.layer}.{qwen3.ROUTER}.weight routes {unrouted} of {tokens} calibration tokens "
+            "to no expert (NaN/Inf routing weights)"
+        )
+    counts = sum((r.counts(hp.n_expert) for r in routings), np.zeros(hp.n_expert, np.int64))
+    min_tokens = opts.expert_min_tokens or hp.n_embd
+    rep.expert_tokens = [int(c) for c in counts]
+    weighted = opts.expert_weighting == "weighted"
+
+    for e in range(hp.n_expert):
+        pooled = bool(counts[e] < min_tokens)
+        if pooled:
+            rep.expert_fallbacks.append(e)
+
+        def rows(
+            x: torch.Tensor, r: qwen3.Routing, e: int = e, pooled: bool = pooled
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Expert e's input rows of a batch (all rows when it fell back) and their weights."""
+            flat = x.reshape(-1, x.shape[-1])
+            if pooled:
+                return flat, None
+            idx, weight = r.tokens_of(e)
+            return flat[idx], weight if weighted else None
+
+        def stream(fn: Callable[[torch.Tensor], torch.Tensor], n: int) -> InputStats:
+            s = StatsStream(n, opts.search_tokens, full=True, sample=False, diag_tokens=opts.diag_tokens)
+            for x, r in zip(inputs(), routings, strict=True):
+                xe, weight = rows(x, r)
+                with timed("forward"):
+                    y = fn(xe)
+                    if weight is not None:
+                        y = y * weight[:, None]
+                with timed("stats"):
+                    s.add(y)
+            with timed("stats"):
+                return s.result()
+
+        n = tokens if pooled else int(counts[e])
+        st = stream(lambda xe: xe, n)
+        L.quantize_expert("ffn_gate_exps", e, st)
+        L.quantize_expert("ffn_up_exps", e, st, last_use=True)
+        del st
+        swiglu = functools.partial(qwen3.expert_core, w=d, e=e)  # through the quantized gate/up
+        L.quantize_expert("ffn_down_exps", e, stream(swiglu, n), last_use=True)
+    L.finish_experts()
 
 
 def solve_layers(

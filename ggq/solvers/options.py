@@ -48,6 +48,10 @@ class SolverOptions:
     # bytes of the residual stream of all windows (nsamples x seqlen x n_embd x 4) above which it
     # is kept in a temporary file instead of memory (Qwen3-8B at 128 x 512: 1 GiB)
     max_residual_bytes: int = 512 << 20
+    # Qwen3-MoE: an expert routed fewer calibration tokens than this (0: the layer's n_embd, the
+    # fewest whose X^T X can have full rank) falls back to a Hessian over all of the layer's tokens
+    expert_min_tokens: int = 0
+    expert_weighting: str = "plain"  # "weighted": an expert's X^T X weights each token by its routing weight
 
     @property
     def kind(self) -> Method:
@@ -68,6 +72,9 @@ class LayerReport:
     # statistics (X^T X, means), solver loops (GPTQ, AWQ's searches and refits, less their
     # encodes), ggml encode/decode (in and out of the loops), error diagnostics (.errors)
     times: dict[str, float] = field(default_factory=dict)
+    # Qwen3-MoE: calibration tokens routed to each expert of the layer, and the experts that fell back
+    expert_tokens: list[int] = field(default_factory=list)
+    expert_fallbacks: list[int] = field(default_factory=list)
 
 
 @dataclass
