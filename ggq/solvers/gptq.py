@@ -124,11 +124,16 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     positive definite; returns it with the damping it took.
 
     Computed in place in ``h`` (n, n) float64, which holds the factor after: one n x n matrix
-    instead of four (Qwen3-8B's ffn_down: 1.2 GB each). H goes to an unlinked temporary file
-    first (the page cache, not this process's memory) so that a failed try restarts from it."""
+    instead of four (Qwen3-8B's ffn_down: 1.2 GB each). torch's factorizations given a row-major
+    ``out`` work on a column-major copy (one more n x n each, measured); given the column-major
+    view of ``h``'s memory they work in it, so ``h`` is transposed in place into that layout and
+    back, which moves values only: the bits of the copying calls. H goes to an unlinked
+    temporary file first (the page cache, not this process's memory) so that a failed try
+    restarts from it."""
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
+    f = _transpose_in_place(h).mT  # (n, n) H, Fortran-ordered in h's memory: what LAPACK reads
     buf = h.numpy()  # (n, n) the same memory
     info = torch.zeros((), dtype=torch.int32)
     with tempfile.TemporaryFile() as spill:
@@ -138,16 +143,28 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
                 spill.seek(0)
                 spill.readinto(buf.data.cast("B"))
             tried = damp * 10**k
-            h.diagonal().add_(tried * mean_diag)  # h + tried * mean_diag * I without an identity
+            f.diagonal().add_(tried * mean_diag)  # h + tried * mean_diag * I without an identity
             with one_thread():  # MKL's factorizations differ between thread counts
-                torch.linalg.cholesky_ex(h, out=(h, info))  # lower factor L (upper triangle zeroed)
+                torch.linalg.cholesky_ex(f, out=(f, info))  # lower factor L (upper triangle zeroed)
                 if int(info) != 0:
                     continue
-                torch.cholesky_inverse(h, out=h)  # H^-1 from L
-                torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+                torch.cholesky_inverse(f, out=f)  # H^-1 from L
+                torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
             if int(info) == 0:
-                return h, tried
+                return _transpose_in_place(h), tried  # f's values, row-major
     raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
+
+
+def _transpose_in_place(a: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """``a`` (n, n) contiguous replaced by its transpose, tile by tile (one tile of memory more)."""
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        a[i : i + tile, i : i + tile] = a[i : i + tile, i : i + tile].T.clone()
+        for j in range(i + tile, n, tile):
+            upper = a[i : i + tile, j : j + tile].clone()
+            a[i : i + tile, j : j + tile] = a[j : j + tile, i : i + tile].T
+            a[j : j + tile, i : i + tile] = upper.T
+    return a
 
 
 def _float32_in_place(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
@@ -225,13 +242,13 @@ def gptq(
     Hinv = _float32_in_place(upper)  # (cols, cols) float32, still in H's memory
     del H, upper
     block = max(block // group, 1) * group
-    Qt = np.zeros((cols, rows), dtype=F32)  # by original column
-    codes_t = np.zeros((cols, rows), dtype=np.uint8)
+    codes_t = np.zeros((cols, rows), dtype=np.uint8)  # by original column
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         W1t = W[:, b0:b1].T.contiguous()  # (nb, rows): a column is a contiguous row
         W1t_np = W1t.numpy()
         Err1t = np.zeros_like(W1t_np)
+        Q1t = np.empty_like(W1t_np)  # (nb, rows): the block's quantized columns
         Hinv1 = Hinv[b0:b1, b0:b1]
         diag = torch.diag(Hinv1).numpy()
         for i in range(b1 - b0):
@@ -240,9 +257,12 @@ def gptq(
                 grids.fit(W1t_np[i : i + group].T, col)
             x = W1t_np[i]
             c, q = grids.grids[col // target.sub].nearest(x, target.unit, target.uniform)
-            codes_t[col], Qt[col] = c, q
+            codes_t[col], Q1t[i] = c, q
             err = (x - q) / diag[i]
             Err1t[i] = err
             W1t[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * torch.from_numpy(err))  # not -=: no copy back
         W[:, b1:] -= torch.from_numpy(Err1t).T.contiguous() @ Hinv[b0:b1, b1:]
-    return GPTQResult(data=grids.pack(codes_t.T), weights=np.ascontiguousarray(Qt.T), damp=damp)
+        W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
+    if act_order:  # W's columns in processing order -> original order
+        W = W[:, torch.from_numpy(np.argsort(order, kind="stable"))]
+    return GPTQResult(data=grids.pack(codes_t.T), weights=W.numpy(), damp=damp)

@@ -112,7 +112,7 @@ class _GramStream:
         return self.acc
 
 
-@dataclass(frozen=True)
+@dataclass
 class InputStats:
     """What the solvers need of one input X (tokens, n_in)."""
 
@@ -353,6 +353,7 @@ class _Layer:
                     q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.kind.uses_gptq:
                 assert stats.h_full is not None
+                overwrite = last_use and name == names[-1]
                 with timed("solve"):
                     res = gptq(
                         wn,
@@ -360,10 +361,12 @@ class _Layer:
                         Target(t),
                         damp=self.opts.damp,
                         act_order=self.opts.act_order,
-                        overwrite=last_use and name == names[-1],
+                        overwrite=overwrite,
                     )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
+                if overwrite:  # factorized in place: garbage now, not held through the diagnostics
+                    stats.h_full = None
             else:
                 assert stats.h_sample is not None
                 with timed("solve"):
@@ -373,8 +376,12 @@ class _Layer:
                     q = ggml.dequantize(data, t, wn.shape[1])
             if t not in ggml.FLOAT_TYPES and stats.x_sample is not None:
                 with timed("diag"):
-                    s = self.col_scale.get(name, np.ones(wn.shape[1], np.float32))
-                    rtn = awq.quantized_weights(wn / s, t, None) * s  # plain RTN of the unscaled weights
+                    s = self.col_scale.get(name)  # plain RTN of the unscaled weights (no copies without)
+                    rtn = (
+                        awq.quantized_weights(wn, t, None)
+                        if s is None
+                        else awq.quantized_weights(wn / s, t, None) * s
+                    )
                     errs = _rel_errors(wn, [rtn, q], stats.x_sample)
                     self.rep.errors[name] = (errs[0], errs[1])
             self.out[name] = data

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -54,28 +54,19 @@ def gram(
     """
     flat = x.reshape(-1, x.shape[-1])  # (rows, n)
     rows, n = flat.shape
-
-    def columns(j0: int, j1: int) -> torch.Tensor:  # (n, j1 - j0): columns j0..j1 of the result
-        acc = (
-            into[:, j0:j1]
-            if into is not None
-            else torch.zeros(n, j1 - j0, dtype=torch.float64, device=flat.device)
-        )
-        for start in range(0, rows, GRAM_ROWS):
-            c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n)
-            acc += (c.T @ c[:, j0:j1]).to(torch.float64)
-        return acc
-
-    if flat.device.type != "cpu":
-        acc = columns(0, n)  # ``into`` itself (a view of all of it) when given
-        return acc if into is None else into
-    blocks = [(j, min(j + GRAM_COLS, n)) for j in range(0, n, GRAM_COLS)]
+    acc = into if into is not None else torch.zeros(n, n, dtype=torch.float64, device=flat.device)
+    cpu = flat.device.type == "cpu"
+    blocks = [(j, min(j + GRAM_COLS, n)) for j in range(0, n, GRAM_COLS)] if cpu else [(0, n)]
     workers = max(1, min(torch.get_num_threads(), len(blocks)))
-    with one_thread(), ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(lambda b: columns(*b), blocks))
-    if into is not None:
-        return into
-    return torch.cat(parts, dim=1) if parts else torch.zeros(n, n, dtype=torch.float64)
+    with one_thread() if cpu else nullcontext(), ThreadPoolExecutor(workers) as pool:
+        for start in range(0, rows, GRAM_ROWS):
+            c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n): converted once, read by every task
+
+            def columns(b: tuple[int, int], c: torch.Tensor = c) -> None:  # acc's columns b[0]..b[1]
+                acc[:, b[0] : b[1]] += (c.T @ c[:, b[0] : b[1]]).to(torch.float64)
+
+            list(pool.map(columns, blocks))
+    return acc
 
 
 def total(t: torch.Tensor) -> float:
