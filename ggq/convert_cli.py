@@ -23,10 +23,11 @@ from ggq.convert import (
     convert,
     default_output_name,
     make_plan,
+    solver_memory,
 )
 from ggq.imatrix import load_imatrix
 from ggq.plan.budget import BudgetPlan, BudgetRequest, format_size, plan_budget
-from ggq.solvers.options import LayerReport, StepReport
+from ggq.solvers.options import LayerReport, SolverOptions, StepReport, fit_memory
 
 
 def _exponents(ax: float, aw: float) -> str:
@@ -169,6 +170,14 @@ def budget_line(bp: BudgetPlan) -> str:
     )
 
 
+def check_memory(ckpt: Checkpoint, opts: ConvertOptions) -> None:
+    """A --max-memory below what one solver layer needs: one line before any work."""
+    if opts.kind.needs_calibration:
+        cal = opts.cal
+        sopts = SolverOptions(method=opts.method, max_memory=solver_memory(cal))
+        fit_memory(sopts, ckpt.hparams, cal.nsamples, cal.seqlen)
+
+
 def run_cli(
     model: str,
     output: Path | None,
@@ -190,6 +199,7 @@ def run_cli(
         )
         opts = bp.opts
     plan = make_plan(ckpt, opts)  # refuses what the solver cannot target before any output
+    check_memory(ckpt, opts)
     if dry_run:
         if as_json:
             extra = {"budget": budget_json(bp)} if bp else {}
