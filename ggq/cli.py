@@ -215,12 +215,6 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     help="Torch device of the calibration forward passes and statistics (auto: cuda when torch sees one).",
 )
 @click.option(
-    "--max-memory",
-    metavar="SIZE",
-    help="Memory the solver may use (gptq, awq): bytes, or K/M/G = KiB/MiB/GiB; the batch and where the "
-    "activations are kept follow from it, the bytes written do not. Default: 3/4 of the available memory.",
-)
-@click.option(
     "--save-imatrix",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write llama.cpp's imatrix GGUF of the calibration inputs each linear sees (gptq, awq).",
@@ -249,6 +243,23 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     show_default=True,
     help="Distillation: Adam's step size on the F32 norm weights (0: the norms stay).",
 )
+@click.option(
+    "--distill-blocks",
+    "distill_blocks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="STEPS",
+    help="Before --distill's end-to-end phase: STEPS per decoder layer training its codes, Q4_0/Q5_0/Q8_0/IQ4_NL "
+    "block scales and norms to reproduce the float layer's output; 0 = off.",
+)
+@click.option(
+    "--distill-block-lr",
+    type=float,
+    default=DistillOptions.block_lr,
+    show_default=True,
+    help="The block-wise phase's sign step on the code indices (in codes), decayed to 0.",
+)
 def convert(
     model: str,
     output: Path | None,
@@ -273,13 +284,14 @@ def convert(
     damp: float,
     act_order: bool,
     device: str,
-    max_memory: str | None,
     save_imatrix: Path | None,
     target_size: str | None,
     target_bpw: float | None,
     distill_steps: int,
     distill_lr: float,
     distill_norm_lr: float,
+    distill_blocks: int,
+    distill_block_lr: float,
 ) -> None:
     """Convert a Qwen3 Hugging Face checkpoint (directory or hub id) to GGUF."""
     from ggq import convert as conv
@@ -291,7 +303,6 @@ def convert(
     req = bud.BudgetRequest(target_size, target_bpw) if target_size or target_bpw is not None else None
     if target_size is not None:
         bud.parse_size(target_size)  # a bad unit fails before the checkpoint is read
-    memory = bud.parse_size(max_memory, "--max-memory") if max_memory is not None else None
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
     for target in (output, save_imatrix) if not dry_run else ():
@@ -310,11 +321,16 @@ def convert(
             token_embedding_type,
             leave_output_tensor,
             threads,
-            conv.CalibOptions(
-                calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset, max_memory=memory
-            ),
+            conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
             save_imatrix,
-            DistillOptions(steps=distill_steps, lr=distill_lr, norm_lr=distill_norm_lr, seed=seed),
+            DistillOptions(
+                steps=distill_steps,
+                lr=distill_lr,
+                norm_lr=distill_norm_lr,
+                seed=seed,
+                block_steps=distill_blocks,
+                block_lr=distill_block_lr,
+            ),
         ),
         dry_run=dry_run,
         as_json=as_json,
@@ -548,13 +564,6 @@ def bench(
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
 @click.option("--no-reference", is_flag=True, help="Skip llama.cpp's own RTN and imatrix rows.")
 @click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Torch device of the solvers' calibration (as ggq convert --device; CUDA files are cached apart).",
-)
-@click.option(
     "--tasks",
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder of zero-shot task files (hellaswag*.txt, winogrande*.csv, *.bin multiple choice).",
@@ -575,7 +584,6 @@ def study(
     chunks: int | None,
     threads: int,
     no_reference: bool,
-    device: str,
     tasks: Path | None,
 ) -> None:
     """The Qwen3 quantization study (arXiv 2505.02214) on GGUF: every method x bits, table, plots, JSON."""
@@ -602,7 +610,6 @@ def study(
         threads=threads,
         references=not no_reference,
         tasks=tasks,
-        device=device,
     )
     if calib is not None:  # a text that cannot serve fails before the base conversion
         calib_mod.read_text(calib)

@@ -29,13 +29,12 @@ from ggq.plan.recipe import FileType
 from ggq.solvers.method import CALIBRATED, METHODS, Method, calibrated_list, method
 from ggq.solvers.options import (
     DistillOptions,
+    DistillReport,
     LayerReport,
     SolverOptions,
-    StepReport,
     check_device,
     check_distill,
     check_targets,
-    default_max_memory,
     resolve_device,
 )
 
@@ -57,9 +56,6 @@ class CalibOptions:
     act_order: bool = False  # GPTQ column order (gptq, awq+gptq)
     device: str = "auto"  # torch device of the calibration: auto (cuda when there is one), cpu, cuda
     dataset: str | None = None  # a named data set (calib.DATASETS) instead of a text file
-    # bytes the solver may use (--max-memory; the bytes written do not depend on it); None: a
-    # fraction of the available memory (options.default_max_memory)
-    max_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
         raise ConvertError(
             f"--save-imatrix: not yet for {ckpt.arch.hf_name} (per-expert entries are to come)"
         )
-    if opts.distill.steps:
+    if opts.distill.on:
         raise ConvertError(f"--distill: not yet for {ckpt.arch.hf_name} (the student has no expert routing)")
 
 
@@ -217,7 +213,7 @@ def prepare_calibration(ckpt: Checkpoint, opts: ConvertOptions) -> SolverInput:
         "seed": cal.seed,
         "damp": cal.damp,
         **({"act_order": cal.act_order} if opts.kind.uses_gptq else {}),
-        **(_distill_provenance(opts.distill) if opts.distill.steps else {}),
+        **(_distill_provenance(opts.distill) if opts.distill.on else {}),
     }
     return SolverInput(windows, device, provenance)
 
@@ -235,21 +231,10 @@ def solved_layers(
     ``act_sums`` collects each linear's (sum of x^2 per input column, tokens)."""
     types = {t.name: t.type for t in plan}
     cal = opts.cal
-    sopts = SolverOptions(
-        method=opts.method,
-        damp=cal.damp,
-        act_order=cal.act_order,
-        device=prepared.device,
-        max_memory=solver_memory(cal),
-    )
+    sopts = SolverOptions(method=opts.method, damp=cal.damp, act_order=cal.act_order, device=prepared.device)
     for i, result in solve_layers(ckpt, prepared.windows.tokens, types, sopts, report):
         act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
         yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
-
-
-def solver_memory(cal: CalibOptions) -> int:
-    """The solver's memory budget in bytes: --max-memory, or its default."""
-    return cal.max_memory if cal.max_memory is not None else default_max_memory()
 
 
 def _distill_provenance(d: DistillOptions) -> dict[str, object]:
@@ -258,6 +243,7 @@ def _distill_provenance(d: DistillOptions) -> dict[str, object]:
         "distill_lr": d.lr,
         "distill_norm_lr": d.norm_lr,
         "distill_seed": d.seed,
+        **({"distill_block_steps": d.block_steps, "distill_block_lr": d.block_lr} if d.block_steps else {}),
     }
 
 
@@ -267,7 +253,7 @@ def distilled(
     solved: Iterator[tuple[int, dict[str, np.ndarray]]],
     prepared: SolverInput,
     opts: DistillOptions,
-    report: Callable[[StepReport], None] | None,
+    report: Callable[[DistillReport], None] | None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """The solver's layers distilled end to end (solvers/distill.py, imported on first use)."""
     from ggq.solvers import distill
@@ -339,7 +325,7 @@ def convert(
     progress: Callable[[PlannedTensor], None] | None = None,
     layer_report: Callable[[LayerReport], None] | None = None,
     plan: list[PlannedTensor] | None = None,
-    distill_report: Callable[[StepReport], None] | None = None,
+    distill_report: Callable[[DistillReport], None] | None = None,
 ) -> list[PlannedTensor]:
     """Write ``out`` (and ``opts.save_imatrix``); returns the plan that was written (``plan``:
     one ``make_plan`` already made for these options, else it is made here)."""
@@ -350,7 +336,7 @@ def convert(
     prepared = prepare_calibration(ckpt, opts) if opts.kind.needs_calibration else None
     act_sums: dict[str, tuple[np.ndarray, int]] = {}
     solved = solved_layers(ckpt, plan, prepared, opts, layer_report, act_sums) if prepared else None
-    if solved is not None and prepared is not None and opts.distill.steps:
+    if solved is not None and prepared is not None and opts.distill.on:
         solved = distilled(ckpt, plan, solved, prepared, opts.distill, distill_report)
     with GGUFWriter(out) as writer:
         _add_header(writer, file_kv(ckpt, opts, prepared.provenance if prepared else {}), plan)
@@ -417,7 +403,7 @@ def cli_options(
         calib.check_dataset(cal.dataset)
     _check_save_imatrix(method, save_imatrix)
     distill = distill or DistillOptions()
-    if distill.steps and method not in CALIBRATED:
+    if distill.on and method not in CALIBRATED:
         raise ConvertError(
             f"--distill: starts from a calibration method's file ({calibrated_list()}), not {method}"
         )

@@ -23,11 +23,10 @@ from ggq.convert import (
     convert,
     default_output_name,
     make_plan,
-    solver_memory,
 )
 from ggq.imatrix import load_imatrix
 from ggq.plan.budget import BudgetPlan, BudgetRequest, format_size, plan_budget
-from ggq.solvers.options import LayerReport, SolverOptions, StepReport, fit_memory
+from ggq.solvers.options import BlockReport, DistillReport, LayerReport, StepReport
 
 
 def _exponents(ax: float, aw: float) -> str:
@@ -46,6 +45,13 @@ def layer_line(method: str, rep: LayerReport, damp: float) -> str:
         line += f"  tokens per expert min/median/max {n[0]}/{statistics.median(n):g}/{n[-1]}"
         line += f", {len(rep.expert_fallbacks)} fell back (pooled X^T X): {rep.expert_fallbacks}"
     return line
+
+
+def block_line(rep: BlockReport, steps: int) -> str:
+    return (
+        f"distill layer {rep.layer:3d}  {steps} steps {rep.seconds:6.1f}s  held-out output error "
+        f"{rep.first:.3e} -> {rep.best:.3e} ({100 * (rep.best / rep.first - 1):+.1f} %, best: step {rep.best_step})"
+    )
 
 
 def distill_line(rep: StepReport, steps: int) -> str:
@@ -128,8 +134,12 @@ def _write(
             if not as_json:
                 bar.console.print(layer_line(opts.method, rep, opts.cal.damp))
 
-        def step_done(rep: StepReport) -> None:
-            if not as_json and (rep.heldout_kld is not None or rep.step % 10 == 0):
+        def step_done(rep: DistillReport) -> None:
+            if as_json:
+                return
+            if isinstance(rep, BlockReport):
+                bar.console.print(block_line(rep, opts.distill.block_steps))
+            elif rep.heldout_kld is not None or rep.step % 10 == 0:
                 bar.console.print(distill_line(rep, opts.distill.steps))
 
         convert(
@@ -170,14 +180,6 @@ def budget_line(bp: BudgetPlan) -> str:
     )
 
 
-def check_memory(ckpt: Checkpoint, opts: ConvertOptions) -> None:
-    """A --max-memory below what one solver layer needs: one line before any work."""
-    if opts.kind.needs_calibration:
-        cal = opts.cal
-        sopts = SolverOptions(method=opts.method, max_memory=solver_memory(cal))
-        fit_memory(sopts, ckpt.hparams, cal.nsamples, cal.seqlen)
-
-
 def run_cli(
     model: str,
     output: Path | None,
@@ -199,7 +201,6 @@ def run_cli(
         )
         opts = bp.opts
     plan = make_plan(ckpt, opts)  # refuses what the solver cannot target before any output
-    check_memory(ckpt, opts)
     if dry_run:
         if as_json:
             extra = {"budget": budget_json(bp)} if bp else {}

@@ -22,7 +22,7 @@ from ggq.convert import CalibOptions, ConvertOptions, make_plan, prepare_calibra
 from ggq.gguf import read_gguf
 from ggq.plan import recipe as rc
 from ggq.solvers import distill
-from ggq.solvers.options import DistillError, DistillOptions, check_distill
+from ggq.solvers.options import BlockReport, DistillError, DistillOptions, check_distill
 from tests import ggml_ref
 
 GRID_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
@@ -56,6 +56,39 @@ def test_codes_decode_exactly_as_ggml_does(type_name: str) -> None:
     np.testing.assert_array_equal(
         distill.CodedTensor(out, type_name, w.shape[1]).weight().detach().numpy(), moved
     )
+
+
+@pytest.mark.parametrize("type_name", distill.SCALED_TYPES)
+def test_trained_block_scales_decode_exactly_as_ggml_does(type_name: str) -> None:
+    """Codes and d both moved: the bytes carry the new fp16 d, and ggml's own dequantization of
+    them equals the weights the student computed (d * unit[code] in float32 is exact)."""
+    w = _weights(8, 512, 7)
+    tid = ggml.get(type_name).type_id
+    data = ggml_ref.quantize(w, tid)
+    ct = distill.CodedTensor(data, type_name, w.shape[1])
+    assert ct.log_scale is not None
+    rng = np.random.default_rng(8)
+    with torch.no_grad():
+        ct.u.add_(torch.from_numpy(rng.uniform(-1.5, 1.5, ct.u.shape).astype(np.float32)))
+        ct.log_scale.add_(torch.from_numpy(rng.uniform(-0.05, 0.05, ct.log_scale.shape).astype(np.float32)))
+    moved = ct.weight().detach().numpy()
+    out = ct.to_bytes()
+    size = ggml.get(type_name).type_size
+    d_old, d_new = (x.reshape(-1, size)[:, :2] for x in (data, out))
+    assert (d_old != d_new).any(axis=1).mean() > 0.5  # most blocks' d changed
+    np.testing.assert_array_equal(ggml_ref.dequantize(out, tid, w.shape[1]), moved)
+
+
+def test_block_scales_get_the_gradient_of_the_weights_they_scale() -> None:
+    w = _weights(4, 64, 9)
+    data = ggml.quantize(w, "Q4_0")
+    ct = distill.CodedTensor(data, "Q4_0", 64)
+    g = torch.from_numpy(np.random.default_rng(10).standard_normal((4, 64)).astype(np.float32))
+    (ct.weight() * g).sum().backward()
+    assert ct.log_scale is not None and ct.log_scale.grad is not None
+    # d(w)/d(log_scale) = w for the 32 weights of the block (d * exp(s) at s = 0)
+    want = (g.numpy() * ggml_ref.dequantize(data, ggml.get("Q4_0").type_id, 64)).reshape(4, 2, 32).sum(-1)
+    np.testing.assert_allclose(ct.log_scale.grad.numpy(), want, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_passes_through_the_rounding_scaled_by_the_step() -> None:
@@ -114,6 +147,31 @@ def test_training_keeps_the_best_held_out_state(tiny: Path) -> None:
         )
 
 
+def test_block_phase_lowers_every_layers_held_out_error(tiny: Path) -> None:
+    """Each layer's best held-out output error is at most its solver's (step 0 kept), lower for
+    some layer; the bytes written decode, by ggml, to the trained weights; some Q4_0 d moved."""
+    ckpt = Checkpoint(tiny)
+    opts = ConvertOptions(rc.RecipeOptions("Q4_0"), method="gptq", cal=CalibOptions(nsamples=16, seqlen=64))
+    types, solved, tokens = _solved(ckpt, opts)
+    d = distill.Distiller(ckpt, types, solved)
+    seen: list[BlockReport] = []
+    d.train_blocks(tokens, DistillOptions(block_steps=20, eval_every=5, batch=4), seen.append)
+    assert [r.layer for r in seen] == [0, 1]
+    assert all(r.best <= r.first for r in seen) and any(r.best < 0.99 * r.first for r in seen)
+    out = d.tensors()
+    for name, c in d.coded.items():
+        np.testing.assert_array_equal(
+            ggml_ref.dequantize(out[name], ggml.get(types[name]).type_id, c.shape[1]),
+            c.weight().detach().numpy(),
+        )
+    moved = [
+        n
+        for n in d.coded
+        if not np.array_equal(out[n].reshape(-1, 18)[:, :2], solved[n].reshape(-1, 18)[:, :2])
+    ]
+    assert moved
+
+
 def _convert(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     args = ["convert", str(model), "-o", str(out), "--method", "gptq", "--type", "Q4_0", "--force"]
     args += ["--nsamples", "16", "--seqlen", "64", *extra]
@@ -128,7 +186,8 @@ def test_distilled_file_runs_in_llama_cpp_and_is_reproducible(
     from tests.test_ppl import llama_perplexity
 
     a, b, plain = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "plain.gguf"
-    for path, extra in ((a, ("--distill", "6")), (b, ("--distill", "6")), (plain, ())):
+    both = ("--distill", "6", "--distill-blocks", "3")
+    for path, extra in ((a, both), (b, both), (plain, ())):
         r = _convert(tiny, path, *extra, "--distill-lr", "0.05")
         assert r.returncode == 0, r.stderr[-2000:]
     assert a.read_bytes() == b.read_bytes()  # same inputs and seed, same bytes
@@ -137,6 +196,7 @@ def test_distilled_file_runs_in_llama_cpp_and_is_reproducible(
     assert meta["ggq.calibration.distill_steps"] == 6 and meta["ggq.calibration.distill_lr"] == pytest.approx(
         0.05
     )
+    assert meta["ggq.calibration.distill_block_steps"] == 3
     assert "ggq.calibration.distill_steps" not in read_gguf(plain).metadata
     ppl, _ = llama_perplexity(a, prose, n_ctx=64, chunks=4)
     assert np.isfinite(ppl) and ppl > 1
@@ -151,6 +211,8 @@ def test_distilled_file_runs_in_llama_cpp_and_is_reproducible(
         (("--distill", "5", "--distill-lr", "nan"), "--distill-lr nan"),
         (("--distill", "5", "--nsamples", "1"), "at least 2 calibration windows"),
         (("--distill", "5", "--distill-norm-lr", "-1"), "--distill-norm-lr -1"),
+        (("--distill-blocks", "5", "--distill-block-lr", "0"), "--distill-block-lr 0"),
+        (("--method", "rtn", "--distill-blocks", "5"), "--distill: starts from a calibration method"),
     ],
 )
 def test_bad_distill_options_are_one_line(

@@ -32,10 +32,23 @@ import torch
 
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
-from ggq.solvers.options import DistillError, DistillOptions, StepReport, check_distill
+from ggq.ggml.floats import fp16_bytes, fp16_field
+from ggq.solvers.options import (
+    BlockReport,
+    DistillError,
+    DistillOptions,
+    DistillReport,
+    StepReport,
+    check_distill,
+)
 from ggq.solvers.reductions import total
 
 TRAINED_NORMS = ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm")
+# types whose block is an fp16 d at byte 0 and codes decoding to d * unit[code]: one float32 product
+# of an fp16 and an integer of at most 8 bits, exact, so a trained d (rounded to fp16) decodes in
+# ggml to exactly what the student used. Their d is trained with the codes; other types keep
+# the solver's scales.
+SCALED_TYPES = ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL")
 
 
 class CodedTensor:
@@ -72,6 +85,26 @@ class CodedTensor:
         )  # (rows, cols): the code index, on the solver's codes
         if not torch.equal(self._decode(codes0), w0):
             raise DistillError(f"{type_name}: the code grid does not reproduce the solver's weights")
+        self.c0 = codes0.to(torch.float32)
+        self.log_scale: torch.nn.Parameter | None = None
+        if type_name in SCALED_TYPES:
+            d0 = np.stack([fp16_field(self.raw[:, b], 0) for b in range(self.nb)], axis=1)  # (rows, nb)
+            self.d0 = torch.from_numpy(d0).to(device)
+            if not torch.equal(self.d0.unsqueeze(-1) * self.unit, self.levels):
+                raise DistillError(f"{type_name}: the levels are not d * unit")
+            self.log_scale = torch.nn.Parameter(torch.zeros_like(self.d0))  # d = d0 * exp(log_scale)
+
+    def scales(self) -> torch.Tensor:
+        """(rows, nb) the trained d, rounded to fp16 (straight-through: the gradient of the
+        unrounded d)."""
+        assert self.log_scale is not None
+        d = self.d0 * torch.exp(self.log_scale)
+        return d + (d.to(torch.float16).to(torch.float32) - d).detach()
+
+    def _levels(self) -> torch.Tensor:
+        if self.log_scale is None:
+            return self.levels
+        return self.scales().unsqueeze(-1) * self.unit  # (rows, nb, n_codes): sub-block = block
 
     def _nearest(self, w: torch.Tensor) -> torch.Tensor:
         """The code of each weight (exact levels: the nearest in the grid's own coordinate)."""
@@ -86,15 +119,15 @@ class CodedTensor:
         """(rows, cols) int64: the code index nearest each latent coordinate."""
         return torch.round(self.u.detach()).clamp_(0, self.n_codes - 1).to(torch.int64)
 
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         rows, cols = self.shape
         idx = codes.reshape(rows, -1, self.sub)
-        return torch.gather(self.levels, 2, idx).reshape(rows, cols)
+        return torch.gather(self.levels if levels is None else levels, 2, idx).reshape(rows, cols)
 
     def weight(self) -> torch.Tensor:
         """The exact decoded weights of the current codes, with straight-through gradients to u."""
         rows, cols = self.shape
-        exact = self._decode(self.codes())
+        exact = self._decode(self.codes(), self._levels())
         slope = self.slope.expand(rows, -1, self.sub).reshape(rows, cols)
         return exact + slope * (self.u - self.u.detach())
 
@@ -102,7 +135,13 @@ class CodedTensor:
         """(rows, row_bytes) uint8: the blocks with the trained codes under the solver's scales."""
         codes = self.codes().cpu().numpy().astype(np.uint8)
         bs = codes.shape[1] // self.nb
-        parts = [self.grid.pack(self.raw[:, b], codes[:, b * bs : (b + 1) * bs]) for b in range(self.nb)]
+        raw = self.raw
+        if self.log_scale is not None:  # the trained d into each block's fp16 field
+            raw = raw.copy()
+            d = self.scales().detach().cpu().numpy()
+            for b in range(self.nb):
+                raw[:, b, 0:2] = fp16_bytes(d[:, b])
+        parts = [self.grid.pack(raw[:, b], codes[:, b * bs : (b + 1) * bs]) for b in range(self.nb)]
         return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
@@ -209,28 +248,20 @@ class Distiller:
         return _floats(data, t, values.shape[1], self.device)
 
     def student_layers(self) -> list[dict[str, torch.Tensor]]:
-        layers = []
-        for i in range(self.hp.n_layer):
-            w: dict[str, torch.Tensor] = {}
-            for lin in qwen3.LINEARS:
-                name = f"blk.{i}.{lin}.weight"
-                w[lin] = self.coded[name].weight() if name in self.coded else self.fixed[name]
-            for nm in TRAINED_NORMS:
-                w[nm] = self.norms[f"blk.{i}.{nm}.weight"]
-            layers.append(w)
-        return layers
+        return [self._layer(i) for i in range(self.hp.n_layer)]
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        out = {k: c.u for k, c in self.coded.items()}
+        out.update({f"{k}#scale": c.log_scale for k, c in self.coded.items() if c.log_scale is not None})
+        out.update(self.norms)
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {
-            **{k: c.u.detach().clone() for k, c in self.coded.items()},
-            **{k: p.detach().clone() for k, p in self.norms.items()},
-        }
+        return {k: p.detach().clone() for k, p in self._params().items()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for k, c in self.coded.items():
-                c.u.copy_(state[k])
-            for k, p in self.norms.items():
+            for k, p in self._params().items():
                 p.copy_(state[k])
 
     def kld(self, tokens: torch.Tensor, rope: qwen3.Rope, batch: int) -> float:
@@ -302,6 +333,101 @@ class Distiller:
         self.load_state(best_state)
         return best
 
+    def _layer(self, i: int) -> dict[str, torch.Tensor]:
+        w: dict[str, torch.Tensor] = {}
+        for lin in qwen3.LINEARS:
+            name = f"blk.{i}.{lin}.weight"
+            w[lin] = self.coded[name].weight() if name in self.coded else self.fixed[name]
+        for nm in TRAINED_NORMS:
+            w[nm] = self.norms[f"blk.{i}.{nm}.weight"]
+        return w
+
+    def _block_error(
+        self,
+        i: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: slice | torch.Tensor,
+        y_scale: float,
+        rope: qwen3.Rope,
+    ) -> torch.Tensor:
+        out = qwen3.layer_forward(x[idx], self._layer(i), self.hp, rope)
+        return ((out - y[idx]) ** 2).mean() / y_scale
+
+    def train_blocks(
+        self,
+        tokens: np.ndarray,
+        opts: DistillOptions,
+        report: Callable[[BlockReport], None] | None = None,
+    ) -> None:
+        """Block by block, before the end-to-end phase: each decoder layer's codes, block scales
+        and norms trained for ``opts.block_steps`` steps so that the layer, fed the quantized
+        model's hidden states so far, reproduces the float layer's output on the float model's
+        (relative mean squared error; the same held-out windows, the best state per layer kept).
+        Codes move by sign steps of ``opts.block_lr`` (decayed linearly) and stay within one code
+        of the solver's; d and norms by Adam. ``report(layer, best step, held-out error at step
+        0, best held-out error)`` after each layer."""
+        n = tokens.shape[0]
+        hold = opts.holdout or max(1, n // 8)
+        all_t = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
+        rope = qwen3.Rope.build(self.hp, tokens.shape[1], self.device)
+        with torch.no_grad():
+            x_f, x_q = self.teacher.embed[all_t], self.student.embed[all_t]
+        rng = np.random.default_rng(opts.seed)
+        for i in range(self.hp.n_layer):
+            with torch.no_grad():
+                y = torch.cat(
+                    [
+                        qwen3.layer_forward(x_f[j : j + opts.batch], self.teacher_layers[i], self.hp, rope)
+                        for j in range(0, n, opts.batch)
+                    ]
+                )
+            coded = [
+                self.coded[f"blk.{i}.{lin}.weight"]
+                for lin in qwen3.LINEARS
+                if f"blk.{i}.{lin}.weight" in self.coded
+            ]
+            scales = [c.log_scale for c in coded if c.log_scale is not None]
+            norms = [self.norms[f"blk.{i}.{nm}.weight"] for nm in TRAINED_NORMS]
+            adam = torch.optim.Adam([*scales, *norms], lr=opts.norm_lr, betas=(0.9, 0.99))
+            y_scale = float((y * y).mean())
+
+            held = slice(n - hold, n)
+            start = time.perf_counter()
+            with torch.no_grad():
+                first = best = float(self._block_error(i, x_q, y, held, y_scale, rope))
+            best_state, best_step = self.state(), 0
+            for step in range(1, opts.block_steps + 1):
+                idx = torch.from_numpy(rng.choice(n - hold, size=min(opts.batch, n - hold), replace=False))
+                loss = self._block_error(i, x_q, y, idx.to(self.device), y_scale, rope)
+                adam.zero_grad(set_to_none=True)
+                for c in coded:
+                    c.u.grad = None
+                loss.backward()
+                lr = opts.block_lr * (1 - (step - 1) / opts.block_steps)
+                with torch.no_grad():
+                    for c in coded:
+                        if c.u.grad is not None:
+                            c.u.sub_(torch.sign(c.u.grad), alpha=lr)
+                            c.u.copy_(torch.minimum(torch.maximum(c.u, c.c0 - 1), c.c0 + 1))
+                adam.step()
+                if step % opts.eval_every == 0 or step == opts.block_steps:
+                    with torch.no_grad():
+                        e = float(self._block_error(i, x_q, y, held, y_scale, rope))
+                    if e < best:
+                        best, best_state, best_step = e, self.state(), step
+            self.load_state(best_state)
+            if report:
+                report(BlockReport(i, best_step, first, best, time.perf_counter() - start))
+            with torch.no_grad():
+                x_q = torch.cat(
+                    [
+                        qwen3.layer_forward(x_q[j : j + opts.batch], self._layer(i), self.hp, rope)
+                        for j in range(0, n, opts.batch)
+                    ]
+                )
+            x_f = y
+
     def tensors(self) -> dict[str, np.ndarray]:
         """GGUF name -> bytes of every tensor the file takes from the distillation (and the
         solver's other tensors as they were)."""
@@ -319,7 +445,7 @@ def distilled_layers(
     tokens: np.ndarray,
     opts: DistillOptions,
     device: str = "cpu",
-    report: Callable[[StepReport], None] | None = None,
+    report: Callable[[DistillReport], None] | None = None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """The solver's layers, all of them first, then distilled, yielded layer by layer as the
     writer takes them: (layer, {GGUF name: bytes})."""
@@ -328,7 +454,10 @@ def distilled_layers(
         collected.update(tensors)
     d = Distiller(ckpt, types, collected, device)
     with torch.enable_grad():
-        d.train(tokens, opts, report)
+        if opts.block_steps:
+            d.train_blocks(tokens, opts, report)
+        if opts.steps:
+            d.train(tokens, opts, report)
     out = d.tensors()
     for i in range(ckpt.hparams.n_layer):
         prefix = f"blk.{i}."
