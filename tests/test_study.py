@@ -101,8 +101,9 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
         "leave_output_tensor": True,
         "has_imatrix": True,
     }
-    # calib is keyed by its content (the calib_sha argument), device as resolved (below)
-    assert {f.name for f in dataclasses.fields(CalibOptions)} == {*cal_changes, "calib", "device"}
+    # calib is keyed by its content (the calib_sha argument), device as resolved (below); not max_memory
+    cal_fields = {f.name for f in dataclasses.fields(CalibOptions)}
+    assert cal_fields == {*cal_changes, "calib", "device", "max_memory"}
     assert {f.name for f in dataclasses.fields(RecipeOptions)} == set(recipe_changes)
     fields = {
         "recipe",
@@ -142,6 +143,7 @@ def test_conversion_key_holds_every_option(tmp_path: Path) -> None:
         dataclasses.replace(gptq, threads=1),
         dataclasses.replace(gptq, save_imatrix=tmp_path / "out.imatrix"),
         dataclasses.replace(gptq, cal=dataclasses.replace(gptq.cal, calib=tmp_path / "renamed.txt")),
+        dataclasses.replace(gptq, cal=dataclasses.replace(gptq.cal, max_memory=1 << 30)),
     ]
     assert {key(v) for v in same} == {k}
     with_imatrix = dataclasses.replace(gptq, imatrix=imatrix)

@@ -51,7 +51,15 @@ from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq
 from ggq.solvers.gptq import Target, gptq
-from ggq.solvers.options import LayerReport, SolverError, SolverOptions, check_targets, clock, timed
+from ggq.solvers.options import (
+    LayerReport,
+    SolverError,
+    SolverOptions,
+    check_targets,
+    clock,
+    fit_memory,
+    timed,
+)
 from ggq.solvers.reductions import GRAM_ROWS, gram, total
 
 # Rows per partial sum of the per-column sums (mean |x|, mean x^2). torch's ``mean(0)`` on the
@@ -621,6 +629,7 @@ def solve_layers(
     """Yield (layer, result) layer after layer; ``tokens`` (nsamples, seqlen)."""
     check_targets(types, opts.method)
     hp = ckpt.hparams
+    opts = fit_memory(opts, hp, tokens.shape[0], tokens.shape[1])  # --max-memory: batch, residual file
     rope = qwen3.Rope.build(hp, tokens.shape[1], opts.device)
     shape = (tokens.shape[0], tokens.shape[1], hp.n_embd)
     h = Residual(shape, opts.device, spill=4 * math.prod(shape) > opts.max_residual_bytes)
