@@ -41,9 +41,19 @@ $(VENDOR_STAMP): FORCE
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and pinned: the CPU build on these machines; a bare `torch` would pull CUDA wheels.
-$(VENV)/.deps: $(VENV)/bin/python pyproject.toml Makefile $(VENDOR_STAMP)
-	$(PIP) install -q torch==2.13.0
+# torch first and pinned. `==2.13.0` also matches a local `2.13.0+cpu` wheel and pip prefers it
+# (a local version sorts higher): the CPU build where one lies beside PyPI (these machines).
+# With GGQ_CUDA=ON `===2.13.0` takes exactly 2.13.0, PyPI's wheel, which on Linux x86-64 is the
+# CUDA 13 build (it requires nvidia-*-cu13), and the check after says if torch still has no CUDA.
+TORCH := torch$(if $(filter ON,$(GGQ_CUDA)),===,==)2.13.0
+
+$(VENV)/.torch-$(GGQ_CUDA): $(VENV)/bin/python Makefile
+	$(PIP) install -q "$(TORCH)"
+	$(PY) -c "import sys, torch; sys.exit('$(GGQ_CUDA)' == 'ON' and not torch.version.cuda and \
+		f'GGQ_CUDA=ON: torch {torch.__version__} is built without CUDA')"
+	rm -f $(VENV)/.torch-* && touch $@
+
+$(VENV)/.deps: $(VENV)/bin/python $(VENV)/.torch-$(GGQ_CUDA) pyproject.toml Makefile $(VENDOR_STAMP)
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	$(PIP) install -q ./vendor/llama.cpp/gguf-py
 	$(PIP) install -q "numpy>=1.26" "transformers>=4.51" "safetensors>=0.4" "tokenizers>=0.21" \

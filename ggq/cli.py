@@ -215,6 +215,12 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     help="Torch device of the calibration forward passes and statistics (auto: cuda when torch sees one).",
 )
 @click.option(
+    "--max-memory",
+    metavar="SIZE",
+    help="Memory the solver may use (gptq, awq): bytes, or K/M/G = KiB/MiB/GiB; the batch and where the "
+    "activations are kept follow from it, the bytes written do not. Default: 3/4 of the available memory.",
+)
+@click.option(
     "--save-imatrix",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write llama.cpp's imatrix GGUF of the calibration inputs each linear sees (gptq, awq).",
@@ -284,6 +290,7 @@ def convert(
     damp: float,
     act_order: bool,
     device: str,
+    max_memory: str | None,
     save_imatrix: Path | None,
     target_size: str | None,
     target_bpw: float | None,
@@ -303,6 +310,7 @@ def convert(
     req = bud.BudgetRequest(target_size, target_bpw) if target_size or target_bpw is not None else None
     if target_size is not None:
         bud.parse_size(target_size)  # a bad unit fails before the checkpoint is read
+    memory = bud.parse_size(max_memory, "--max-memory") if max_memory is not None else None
 
     file_type = file_type or BITS_RECIPES[bits or "4"]
     for target in (output, save_imatrix) if not dry_run else ():
@@ -321,7 +329,9 @@ def convert(
             token_embedding_type,
             leave_output_tensor,
             threads,
-            conv.CalibOptions(calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset),
+            conv.CalibOptions(
+                calib, nsamples, seqlen, seed, damp, act_order, device, calib_dataset, max_memory=memory
+            ),
             save_imatrix,
             DistillOptions(
                 steps=distill_steps,
@@ -564,6 +574,13 @@ def bench(
 @click.option("-t", "--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0 = all cores).")
 @click.option("--no-reference", is_flag=True, help="Skip llama.cpp's own RTN and imatrix rows.")
 @click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Torch device of the solvers' calibration (as ggq convert --device; CUDA files are cached apart).",
+)
+@click.option(
     "--tasks",
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder of zero-shot task files (hellaswag*.txt, winogrande*.csv, *.bin multiple choice).",
@@ -584,6 +601,7 @@ def study(
     chunks: int | None,
     threads: int,
     no_reference: bool,
+    device: str,
     tasks: Path | None,
 ) -> None:
     """The Qwen3 quantization study (arXiv 2505.02214) on GGUF: every method x bits, table, plots, JSON."""
@@ -610,6 +628,7 @@ def study(
         threads=threads,
         references=not no_reference,
         tasks=tasks,
+        device=device,
     )
     if calib is not None:  # a text that cannot serve fails before the base conversion
         calib_mod.read_text(calib)

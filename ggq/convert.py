@@ -35,6 +35,7 @@ from ggq.solvers.options import (
     check_device,
     check_distill,
     check_targets,
+    default_max_memory,
     resolve_device,
 )
 
@@ -56,6 +57,9 @@ class CalibOptions:
     act_order: bool = False  # GPTQ column order (gptq, awq+gptq)
     device: str = "auto"  # torch device of the calibration: auto (cuda when there is one), cpu, cuda
     dataset: str | None = None  # a named data set (calib.DATASETS) instead of a text file
+    # bytes the solver may use (--max-memory; the bytes written do not depend on it); None: a
+    # fraction of the available memory (options.default_max_memory)
+    max_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,10 +235,21 @@ def solved_layers(
     ``act_sums`` collects each linear's (sum of x^2 per input column, tokens)."""
     types = {t.name: t.type for t in plan}
     cal = opts.cal
-    sopts = SolverOptions(method=opts.method, damp=cal.damp, act_order=cal.act_order, device=prepared.device)
+    sopts = SolverOptions(
+        method=opts.method,
+        damp=cal.damp,
+        act_order=cal.act_order,
+        device=prepared.device,
+        max_memory=solver_memory(cal),
+    )
     for i, result in solve_layers(ckpt, prepared.windows.tokens, types, sopts, report):
         act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
         yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
+
+
+def solver_memory(cal: CalibOptions) -> int:
+    """The solver's memory budget in bytes: --max-memory, or its default."""
+    return cal.max_memory if cal.max_memory is not None else default_max_memory()
 
 
 def _distill_provenance(d: DistillOptions) -> dict[str, object]:

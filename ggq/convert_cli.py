@@ -23,10 +23,19 @@ from ggq.convert import (
     convert,
     default_output_name,
     make_plan,
+    solver_memory,
 )
 from ggq.imatrix import load_imatrix
 from ggq.plan.budget import BudgetPlan, BudgetRequest, format_size, plan_budget
-from ggq.solvers.options import BlockReport, DistillReport, LayerReport, StepReport
+from ggq.solvers.options import (
+    BlockReport,
+    DistillReport,
+    LayerReport,
+    SolverOptions,
+    StepReport,
+    devices_line,
+    fit_memory,
+)
 
 
 def _exponents(ax: float, aw: float) -> str:
@@ -68,6 +77,7 @@ def layer_json(rep: LayerReport) -> dict[str, object]:
         "seconds": round(rep.seconds, 3),
         "rel_error": {k: {"rtn": a, "solver": b} for k, (a, b) in rep.errors.items()},
         "awq_exponents": {k: {"x": ax, "w": aw} for k, (ax, aw) in rep.alphas.items()},
+        "devices": rep.devices,
         **({"gptq_damp": rep.damp} if rep.damp else {}),
         **(
             {"expert_tokens": rep.expert_tokens, "expert_fallbacks": rep.expert_fallbacks}
@@ -131,6 +141,8 @@ def _write(
 
         def layer_done(rep: LayerReport) -> None:
             reports.append(rep)
+            if not as_json and len(reports) == 1:
+                bar.console.print(devices_line(rep.devices), highlight=False)
             if not as_json:
                 bar.console.print(layer_line(opts.method, rep, opts.cal.damp))
 
@@ -180,6 +192,14 @@ def budget_line(bp: BudgetPlan) -> str:
     )
 
 
+def check_memory(ckpt: Checkpoint, opts: ConvertOptions) -> None:
+    """A --max-memory below what one solver layer needs: one line before any work."""
+    if opts.kind.needs_calibration:
+        cal = opts.cal
+        sopts = SolverOptions(method=opts.method, max_memory=solver_memory(cal))
+        fit_memory(sopts, ckpt.hparams, cal.nsamples, cal.seqlen)
+
+
 def run_cli(
     model: str,
     output: Path | None,
@@ -201,6 +221,7 @@ def run_cli(
         )
         opts = bp.opts
     plan = make_plan(ckpt, opts)  # refuses what the solver cannot target before any output
+    check_memory(ckpt, opts)
     if dry_run:
         if as_json:
             extra = {"budget": budget_json(bp)} if bp else {}

@@ -36,6 +36,24 @@ def _torch_devices() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
+def torch_report() -> dict[str, Any]:
+    """The torch build (CUDA or not: ``GGQ_CUDA=ON make`` installs PyPI's CUDA wheel) and where
+    each part of the solvers runs with ``--device auto``."""
+    try:
+        import torch
+    except ImportError:
+        return {"installed": False}
+    from ggq.solvers.options import resolve_device, solver_devices
+
+    return {
+        "installed": True,
+        "version": torch.__version__,
+        "cuda_build": torch.version.cuda,  # None: built without CUDA
+        "cuda_available": torch.cuda.is_available(),
+        "solver_devices": solver_devices(resolve_device("auto")),
+    }
+
+
 def _llama_cpp_python(lib_dir: Path) -> dict[str, Any]:
     """Which libllama llama-cpp-python loads when imported through ggq."""
     version = _version("llama_cpp_python")
@@ -60,6 +78,7 @@ def collect() -> dict[str, Any]:
         "platform": f"{platform.system()} {platform.machine()}",
         "packages": {name: _version(name) for name in PACKAGES},
         "torch_cuda_devices": _torch_devices(),
+        "torch": torch_report(),
     }
     try:
         mod = native.load()
@@ -91,6 +110,8 @@ def render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ggq.solvers.options import devices_line
+
     console = Console()
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
@@ -113,6 +134,16 @@ def render(report: dict[str, Any]) -> None:
         table.add_row(f"device {dev['name']}", f"{dev['type']}: {dev['description']}{mem}")
     table.add_row("cpu features", " ".join(lc["cpu_features"]))
     table.add_row("torch cuda", ", ".join(report["torch_cuda_devices"]) or "none")
+    tr = report["torch"]
+    if tr["installed"]:
+        build = (
+            f"CUDA {tr['cuda_build']} build" if tr["cuda_build"] else "[yellow]built without CUDA[/yellow]"
+        )
+        seen = "sees a CUDA device" if tr["cuda_available"] else "sees no CUDA device"
+        table.add_row("torch build", f"{tr['version']}: {build}, {seen}")
+        table.add_row(
+            "solvers (--device auto)", devices_line(tr["solver_devices"]).removeprefix("solver devices: ")
+        )
     table.add_row("libllama", lc["library"])
     table.add_row("tools", str(Path(lc["tools"]["llama-perplexity"]).parent))
     lcp = report["llama_cpp_python"]

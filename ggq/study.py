@@ -36,6 +36,7 @@ from ggq.eval.llama_tools import run
 from ggq.files import atomic_write, cache_key, sha256_file
 from ggq.plan import recipe as rc
 from ggq.solvers.method import METHODS
+from ggq.solvers.method import method as method_kind
 
 if TYPE_CHECKING:
     from ggq.convert import ConvertOptions
@@ -122,7 +123,8 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
     recipe option, the method, the imatrix's content, the calibration options (text by content,
     ``auto`` device resolved, since CUDA arithmetic changes bytes) where the method reads them,
     ggq's version and source digest and the llama.cpp build. Not keyed: ``threads`` (the output
-    does not depend on the thread count) and ``save_imatrix`` (a second output, not an input)."""
+    does not depend on the thread count), ``save_imatrix`` (a second output, not an input) and
+    ``cal.max_memory`` (the solver's batch and residual file follow it, not the bytes)."""
     from ggq.solvers.options import resolve_device
 
     doc: dict[str, Any] = {
@@ -142,6 +144,7 @@ def conversion_key(opts: ConvertOptions, model_digest: str, calib_sha: str, code
         cal = dataclasses.asdict(opts.cal)
         cal["calib"] = calib_sha if opts.cal.dataset is None else None
         cal["device"] = resolve_device(opts.cal.device)
+        del cal["max_memory"]  # the solver's memory budget: the same bytes (test_solver_memory)
         doc["calibration"] = cal
     return _key(json.dumps(doc, sort_keys=True))
 
@@ -193,6 +196,10 @@ class Study:
             from ggq.tasks import find_tasks
 
             find_tasks(cfg.tasks)  # a missing or empty task folder fails before hours of work
+        if any(method_kind(m).needs_calibration for m in cfg.methods):
+            from ggq.solvers.options import resolve_device
+
+            resolve_device(cfg.device)  # --device cuda without CUDA: one line before the base file
         self.cfg = cfg
         self.log = log
         from ggq import calib

@@ -58,6 +58,7 @@ from ggq.solvers.options import (
     check_targets,
     clock,
     fit_memory,
+    solver_devices,
     timed,
 )
 from ggq.solvers.reductions import GRAM_ROWS, gram, total
@@ -639,7 +640,7 @@ def solve_layers(
                 h.write(i, qwen3.embed(ckpt, torch.from_numpy(tokens[i : i + opts.batch])).to(opts.device))
             for i in range(hp.n_layer):
                 start = time.perf_counter()
-                rep = LayerReport(i)
+                rep = LayerReport(i, devices=solver_devices(opts.device))
                 with clock(rep.times):
                     with timed("load"):
                         w = qwen3.load_layer(ckpt, i)

@@ -5,15 +5,21 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ggq import ggml
 from ggq.errors import GGQError
 from ggq.solvers.method import CALIBRATED, Method, method
+
+if TYPE_CHECKING:
+    from ggq.checkpoint import HParams
 
 DEVICES = ("auto", "cpu", "cuda")
 # the parts of a layer's time in LayerReport.times
@@ -48,6 +54,10 @@ class SolverOptions:
     # bytes of the residual stream of all windows (nsamples x seqlen x n_embd x 4) above which it
     # is kept in a temporary file instead of memory (Qwen3-8B at 128 x 512: 1 GiB)
     max_residual_bytes: int = 512 << 20
+    # bytes the solver may use (``--max-memory``); 0: no budget (batch and max_residual_bytes as
+    # given). With one, fit_memory lowers the batch and keeps the residual stream in a file where
+    # they would not fit, and refuses a budget below what one layer needs
+    max_memory: int = 0
     # Qwen3-MoE: an expert routed fewer calibration tokens than this (0: the layer's n_embd, the
     # fewest whose X^T X can have full rank) falls back to a Hessian over all of the layer's tokens
     expert_min_tokens: int = 0
@@ -56,6 +66,106 @@ class SolverOptions:
     @property
     def kind(self) -> Method:
         return method(self.method)
+
+
+# -- memory (``--max-memory``): what one layer of the solver holds, from the shapes alone -------
+
+# python, torch, MKL, the tokenizer, ggq and the allocator's slack: measured 242 MiB after
+# importing torch and the solvers; a `ggq convert` process peaks ~100 MiB above the solver alone
+PROCESS_BYTES = 448 << 20
+GRAM_CHUNK_ROWS = 1024  # reductions.GRAM_ROWS (no torch here): rows per float64 chunk of X^T X
+MEAN_CHUNK_ROWS = 4096  # layerwise.MEAN_ROWS: rows held (and joined, a copy) until a whole chunk is there
+DEFAULT_MEMORY_FRACTION = 0.75  # of the available memory: --max-memory's default
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes one layer of the solver holds, by what holds them: ``fixed`` whatever the batch
+    (the process, the layer's float32 weights, the largest statistics and the solver's copies),
+    ``per_window`` for each calibration window of a forward batch, ``residual`` for the residual
+    stream of every window unless it is kept in a file."""
+
+    fixed: int
+    per_window: int
+    residual: int
+
+    def total(self, batch: int, spill: bool) -> int:
+        return self.fixed + batch * self.per_window + (0 if spill else self.residual)
+
+
+def memory_need(hp: HParams, nsamples: int, seqlen: int, method_name: str) -> MemoryNeed:
+    """The solver's memory for one layer of ``hp`` at its peak (the statistics of the widest
+    input, GPTQ or AWQ's search on the widest linear, or the attention forward), counted from the
+    shapes (float32 = 4 bytes): the layer's weights once; GPTQ's float64 X^T X of the widest input
+    (factorized in place) and the loop's copies of the widest linear (weights and error update:
+    2 x 4 bytes, and 1 byte of codes per weight); AWQ's float32 sample X^T X, its search
+    copies of the gate/up group (3 x 4 bytes per weight) and the linears kept for the norm refit.
+    Per window: the MLP's input (with its norm's temporaries), gate, up, and the reductions'
+    temporaries, or the attention's projections, repeated KV heads and output, whichever is
+    larger. Checked against measured peaks in tests/test_max_memory.py."""
+    kind = method(method_name)
+    n, f, t = hp.n_embd, hp.n_ff, seqlen
+    a, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    widest = max(n, f, a)
+    weights = 4 * (2 * n * a + 2 * n * kv + 3 * n * f)
+    stats = 8 * GRAM_CHUNK_ROWS * widest + 2 * 4 * MEAN_CHUNK_ROWS * widest
+    solve = 0
+    if kind.uses_gptq:
+        stats += 8 * widest * widest
+        solve = 9 * n * max(f, a)
+    if kind.scales_activations:
+        stats += 4 * widest * widest
+        solve = max(solve, 12 * 2 * n * f) + 4 * 2 * n * f
+    mlp = 4 * t * (3 * n + 4 * f)
+    attn = 4 * t * (3 * n + 6 * a + 4 * kv)
+    return MemoryNeed(
+        fixed=PROCESS_BYTES + weights + stats + solve,
+        per_window=max(mlp, attn),
+        residual=4 * nsamples * t * n,
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def fit_memory(opts: SolverOptions, hp: HParams, nsamples: int, seqlen: int) -> SolverOptions:
+    """``opts`` within ``opts.max_memory``: the batch lowered (the bytes do not depend on it) and
+    the residual stream kept in a file (same bytes) where they would not fit; a budget below one
+    window at a time with the residual in a file is an error saying how much is needed."""
+    if not opts.max_memory:
+        return opts
+    need = memory_need(hp, nsamples, seqlen, opts.method)
+    least = need.total(1, spill=True)
+    if least > opts.max_memory:
+        raise SolverError(
+            f"--max-memory {_size(opts.max_memory)}: one layer of {opts.method} needs at least {_size(least)} "
+            f"here (one {seqlen}-token window at a time, the activations in a file)"
+        )
+    batch = min(opts.batch, nsamples)
+    spill = need.residual > opts.max_residual_bytes or need.total(batch, False) > opts.max_memory
+    room = opts.max_memory - need.total(0, spill)
+    batch = max(1, min(batch, room // need.per_window))
+    return replace(opts, batch=batch, max_residual_bytes=0 if spill else need.residual)
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (bytes), else the physical memory; 0 where neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_max_memory() -> int:
+    """``--max-memory``'s default: DEFAULT_MEMORY_FRACTION of the available memory (0: unknown, no budget)."""
+    return int(DEFAULT_MEMORY_FRACTION * available_memory())
 
 
 @dataclass
@@ -72,6 +182,8 @@ class LayerReport:
     # statistics (X^T X, means), solver loops (GPTQ, AWQ's searches and refits, less their
     # encodes), ggml encode/decode (in and out of the loops), error diagnostics (.errors)
     times: dict[str, float] = field(default_factory=dict)
+    # part of the solver -> the device it ran on (solver_devices)
+    devices: dict[str, str] = field(default_factory=dict)
     # Qwen3-MoE: calibration tokens routed to each expert of the layer, and the experts that fell back
     expert_tokens: list[int] = field(default_factory=list)
     expert_fallbacks: list[int] = field(default_factory=list)
@@ -116,6 +228,28 @@ def timed(part: str) -> Iterator[None]:
         c.times[part] = c.times.get(part, 0.0) + spent - nested
         if c.stack:
             c.stack[-1][1] += spent
+
+
+def solver_devices(device: str) -> dict[str, str]:
+    """Where each part of the solver runs given the resolved torch ``device``: the forward passes,
+    input statistics (X^T X, means), AWQ's candidate products and the error diagnostics on it;
+    GPTQ's factorization and column loop and every ggml encode/decode on the CPU (numpy)."""
+    return {
+        "forward": device,
+        "stats": device,
+        "awq_search": device,
+        "diag": device,
+        "gptq": "cpu",
+        "encode": "cpu",
+    }
+
+
+def devices_line(devices: dict[str, str]) -> str:
+    """``devices`` (solver_devices) in one line: each device and the parts on it."""
+    on: dict[str, list[str]] = {}
+    for part, dev in devices.items():
+        on.setdefault(dev, []).append(part)
+    return "solver devices: " + "; ".join(f"{', '.join(parts)} on {dev}" for dev, parts in on.items())
 
 
 def check_device(name: str) -> None:
