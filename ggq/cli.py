@@ -108,6 +108,13 @@ def _bpw_list(value: str) -> tuple[float, ...]:
         ) from None
 
 
+def _steps_option(flag: str, dest: str, help: str) -> Any:
+    """A distillation phase's step count: 0 (the default) turns it off."""
+    return click.option(
+        flag, dest, type=click.IntRange(min=0), default=0, show_default=True, metavar="STEPS", help=help
+    )
+
+
 def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     pairs = []
     for v in values:
@@ -225,14 +232,10 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write llama.cpp's imatrix GGUF of the calibration inputs each linear sees (gptq, awq).",
 )
-@click.option(
+@_steps_option(
     "--distill",
     "distill_steps",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="STEPS",
-    help="After gptq/awq/awq+gptq: train the file's codes and norms end to end against the full-precision "
+    "After gptq/awq/awq+gptq: train the file's codes and norms end to end against the full-precision "
     "model (KL divergence on the calibration windows, the best state on a held-out eighth kept); 0 = off.",
 )
 @click.option(
@@ -249,14 +252,10 @@ def _parse_tensor_types(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     show_default=True,
     help="Distillation: Adam's step size on the F32 norm weights (0: the norms stay).",
 )
-@click.option(
+@_steps_option(
     "--distill-blocks",
     "distill_blocks",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="STEPS",
-    help="Before --distill's end-to-end phase: STEPS per decoder layer training its codes, Q4_0/Q5_0/Q8_0/IQ4_NL "
+    "Before --distill's end-to-end phase: STEPS per decoder layer training its codes, Q4_0/Q5_0/Q8_0/IQ4_NL "
     "block scales and norms to reproduce the float layer's output; 0 = off.",
 )
 @click.option(

@@ -79,18 +79,6 @@ def test_trained_block_scales_decode_exactly_as_ggml_does(type_name: str) -> Non
     np.testing.assert_array_equal(ggml_ref.dequantize(out, tid, w.shape[1]), moved)
 
 
-def test_block_scales_get_the_gradient_of_the_weights_they_scale() -> None:
-    w = _weights(4, 64, 9)
-    data = ggml.quantize(w, "Q4_0")
-    ct = distill.CodedTensor(data, "Q4_0", 64)
-    g = torch.from_numpy(np.random.default_rng(10).standard_normal((4, 64)).astype(np.float32))
-    (ct.weight() * g).sum().backward()
-    assert ct.log_scale is not None and ct.log_scale.grad is not None
-    # d(w)/d(log_scale) = w for the 32 weights of the block (d * exp(s) at s = 0)
-    want = (g.numpy() * ggml_ref.dequantize(data, ggml.get("Q4_0").type_id, 64)).reshape(4, 2, 32).sum(-1)
-    np.testing.assert_allclose(ct.log_scale.grad.numpy(), want, rtol=1e-5, atol=1e-7)
-
-
 def test_gradient_passes_through_the_rounding_scaled_by_the_step() -> None:
     w = _weights(4, 64, 5)
     data = ggml.quantize(w, "Q4_0")
@@ -103,6 +91,10 @@ def test_gradient_passes_through_the_rounding_scaled_by_the_step() -> None:
     assert ct.u.grad is not None
     grad = ct.u.grad.numpy()
     np.testing.assert_allclose(grad, g.numpy() * per_weight, rtol=1e-6, atol=0)
+    # and to the block's scale: d(w)/d(log_scale) = w for the block's 32 weights (d * exp(s) at s = 0)
+    assert ct.log_scale is not None and ct.log_scale.grad is not None
+    want = (g.numpy() * ggml_ref.dequantize(data, ggml.get("Q4_0").type_id, 64)).reshape(4, 2, 32).sum(-1)
+    np.testing.assert_allclose(ct.log_scale.grad.numpy(), want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
