@@ -13,8 +13,13 @@ count) and which part dominates.
     .venv/bin/python tools/bench_solver.py                        # 0.6B shape, 2 layers, 16 x 512
     .venv/bin/python tools/bench_solver.py --shape 8B --nsamples 128 --methods gptq
 
-Only the solver runs (what ``ggq convert --method ...`` spends on the layers); the RTN convert
-against llama.cpp's convert + quantize of the same checkpoint is tools/bench_convert.py.
+Only the solver runs (what ``ggq convert --method ...`` spends on the layers). With
+``--vs-llama-cpp`` it then times, on the same checkpoint and threads, ``ggq convert --type T``
+(RTN) against llama.cpp's convert_hf_to_gguf.py (bf16) + llama-quantize (tools/bench_convert.py's
+convert_side_by_side), prints them side by side with their peak RSS, and says whether the two
+files hold the same tensors byte for byte (exit 1 if not):
+
+    .venv/bin/python tools/bench_solver.py --shape 8B --layers 1 --methods gptq --vs-llama-cpp
 """
 
 from __future__ import annotations
@@ -158,6 +163,11 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, help="reuse (or keep) the checkpoint here")
     parser.add_argument("--workdir", type=Path, help="where the temporary checkpoint goes")
     parser.add_argument("--json", type=Path, help="write the per-layer records here")
+    parser.add_argument(
+        "--vs-llama-cpp",
+        action="store_true",
+        help="also RTN ggq convert vs llama.cpp's convert_hf_to_gguf.py + llama-quantize on the checkpoint",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -177,12 +187,41 @@ def main() -> int:
             f"{args.nsamples} x {args.seqlen} calibration tokens, {args.type}, {args.device}, "
             f"{args.threads} threads"
         )
-        results = [table(m, run_method(ckpt, m, args), shape) for m in args.methods.split(",")]
+        results = [table(m, run_method(ckpt, m, args), shape) for m in args.methods.split(",") if m]
+        rtn = rtn_vs_llama_cpp(ckpt, Path(tmp), args.type, args.threads, size) if args.vs_llama_cpp else None
     if args.json:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"checkpoint": str(ckpt)}, "runs": results}, default=str)
-        )
-    return 0
+        doc = {"args": vars(args) | {"checkpoint": str(ckpt)}, "runs": results, "rtn_vs_llama_cpp": rtn}
+        args.json.write_text(json.dumps(doc, default=str))
+    return 1 if rtn is not None and rtn["differing"] else 0
+
+
+def rtn_vs_llama_cpp(ckpt: Path, work: Path, type_name: str, threads: int, size: int) -> dict[str, Any]:
+    """RTN ``ggq convert`` against llama.cpp's convert + quantize of ``ckpt``, side by side."""
+    from bench_convert import convert_side_by_side  # tools/ is sys.path[0] when run as a script
+    from bench_moe_convert import same_tensors
+
+    (ggq, hf, quant), ggq_out, ref_out = convert_side_by_side(ckpt, work, type_name, threads, "bf16")
+    differing = same_tensors(ggq_out, ref_out)
+    ref_seconds, ref_peak = hf.seconds + quant.seconds, max(hf.peak_rss_mib, quant.peak_rss_mib)
+    print(
+        f"\nRTN {type_name}, {threads} threads: ggq convert vs llama.cpp's convert_hf_to_gguf (bf16) + llama-quantize"
+    )
+    print(f"{'step':28s} {'seconds':>9s} {'peak RSS MiB':>13s} {'% of ckpt':>10s}")
+    for label, sec, peak in (
+        *((r.label, r.seconds, r.peak_rss_mib) for r in (ggq, hf, quant)),
+        ("llama.cpp pipeline", ref_seconds, ref_peak),
+    ):
+        print(f"{label:28s} {sec:9.1f} {peak:13.0f} {peak * 2**20 / size:10.1%}")
+    same = "every tensor equal, type and bytes" if not differing else f"{len(differing)} tensors differ"
+    print(
+        f"ggq / llama.cpp: time {ggq.seconds / ref_seconds:.2f}x, peak RSS {ggq.peak_rss_mib / ref_peak:.2f}x; {same}"
+    )
+    return {
+        "ggq": vars(ggq),
+        "convert_hf_to_gguf": vars(hf),
+        "llama_quantize": vars(quant),
+        "differing": differing,
+    }
 
 
 if __name__ == "__main__":
