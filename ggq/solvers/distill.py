@@ -378,8 +378,10 @@ class Distiller:
             with torch.no_grad():
                 y = torch.cat(
                     [
-                        qwen3.layer_forward(x_f[j : j + opts.batch], self.teacher_layers[i], self.hp, rope)
-                        for j in range(0, n, opts.batch)
+                        qwen3.layer_forward(
+                            x_f[j : j + opts.block_batch], self.teacher_layers[i], self.hp, rope
+                        )
+                        for j in range(0, n, opts.block_batch)
                     ]
                 )
             coded = [
@@ -398,7 +400,9 @@ class Distiller:
                 first = best = float(self._block_error(i, x_q, y, held, y_scale, rope))
             best_state, best_step = self.state(), 0
             for step in range(1, opts.block_steps + 1):
-                idx = torch.from_numpy(rng.choice(n - hold, size=min(opts.batch, n - hold), replace=False))
+                idx = torch.from_numpy(
+                    rng.choice(n - hold, size=min(opts.block_batch, n - hold), replace=False)
+                )
                 loss = self._block_error(i, x_q, y, idx.to(self.device), y_scale, rope)
                 adam.zero_grad(set_to_none=True)
                 for c in coded:
@@ -422,8 +426,8 @@ class Distiller:
             with torch.no_grad():
                 x_q = torch.cat(
                     [
-                        qwen3.layer_forward(x_q[j : j + opts.batch], self._layer(i), self.hp, rope)
-                        for j in range(0, n, opts.batch)
+                        qwen3.layer_forward(x_q[j : j + opts.block_batch], self._layer(i), self.hp, rope)
+                        for j in range(0, n, opts.block_batch)
                     ]
                 )
             x_f = y

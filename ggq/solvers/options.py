@@ -303,6 +303,7 @@ class DistillOptions:
     seed: int = 0
     block_steps: int = 0  # steps per decoder layer of the block-wise phase; 0 = none
     block_lr: float = 0.005  # that phase's sign step on the code indices, decayed linearly to 0
+    block_batch: int = 8  # calibration windows per step of that phase
 
     @property
     def on(self) -> bool:
@@ -320,7 +321,7 @@ def check_distill(o: DistillOptions, n_windows: int) -> None:
         raise DistillError(f"--distill-blocks {o.block_steps}: the number of steps cannot be negative")
     if not (o.block_lr > 0 and math.isfinite(o.block_lr)) or o.block_lr > 1:
         raise DistillError(f"--distill-block-lr {o.block_lr}: expected a step size in (0, 1] codes")
-    if o.batch < 1 or o.eval_every < 1 or o.patience < 1:
+    if o.batch < 1 or o.block_batch < 1 or o.eval_every < 1 or o.patience < 1:
         raise DistillError("distill batch, eval_every and patience must be >= 1")
     if o.on and n_windows < 2:
         raise DistillError(f"--distill: needs at least 2 calibration windows (--nsamples), got {n_windows}")
