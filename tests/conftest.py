@@ -68,6 +68,14 @@ def heldout() -> Path:
     return HELDOUT
 
 
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory: pytest.TempPathFactory, heldout: Path) -> Path:
+    """The first 8,000 characters of the held-out text: enough for a few training steps."""
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(heldout.read_text(encoding="utf-8")[:8000], encoding="utf-8")
+    return p
+
+
 @pytest.fixture(scope="session")
 def calibration_text() -> Path:
     """The calibration sample shipped in ggq/data (ggq's default calibration text)."""

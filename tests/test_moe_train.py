@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from ggq.checkpoint import Checkpoint
@@ -30,13 +29,6 @@ TINY = [
     "--moe-intermediate", "64", "--steps", "4", "--batch", "2", "--seq", "32", "--warmup", "1",
     "--threads", "1", "--log-every", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, heldout: Path) -> Path:
-    p = tmp_path_factory.mktemp("text") / "text.txt"
-    p.write_text(heldout.read_text(encoding="utf-8")[:8000], encoding="utf-8")
-    return p
 
 
 def one_step(coef: float) -> tuple[torch.nn.Module, dict[str, float]]:

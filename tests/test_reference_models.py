@@ -82,13 +82,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, heldout: Path) -> Path:
-    p = tmp_path_factory.mktemp("text") / "text.txt"
-    p.write_text(heldout.read_text(encoding="utf-8")[:8000], encoding="utf-8")
-    return p
-
-
 def test_resumed_training_writes_the_same_bytes_as_one_run(tmp_path: Path, small_text: Path) -> None:
     """Resuming restores weights, optimizer moments and the batch sequence: a run stopped at step 2
     and resumed ends in the same model.safetensors as one that ran 4 steps straight."""
