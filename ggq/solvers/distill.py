@@ -199,6 +199,14 @@ class _CodeSteps:
                 p.sub_((m / rms).clamp_(-self.clip, self.clip), alpha=lr)
 
 
+def _held_out(n: int, opts: DistillOptions) -> int:
+    """Calibration windows held out (the last ones) for both phases' early stopping."""
+    hold = opts.holdout or max(1, n // 8)
+    if hold >= n:
+        raise DistillError(f"--distill: {hold} held-out windows leave none of {n} to train on")
+    return hold
+
+
 class Distiller:
     """The student built from the solver's bytes, trained against the checkpoint."""
 
@@ -283,9 +291,7 @@ class Distiller:
         """Train on the calibration windows ``tokens`` (N, T); returns the best held-out KLD."""
         check_distill(opts, tokens.shape[0])
         n = tokens.shape[0]
-        hold = opts.holdout or max(1, n // 8)
-        if hold >= n:
-            raise DistillError(f"--distill: {hold} held-out windows leave none of {n} to train on")
+        hold = _held_out(n, opts)
         all_t = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
         train_t, held_t = all_t[: n - hold], all_t[n - hold :]
         rope = qwen3.Rope.build(self.hp, tokens.shape[1], self.device)
@@ -368,7 +374,7 @@ class Distiller:
         of the solver's; d and norms by Adam. ``report(layer, best step, held-out error at step
         0, best held-out error)`` after each layer."""
         n = tokens.shape[0]
-        hold = opts.holdout or max(1, n // 8)
+        hold = _held_out(n, opts)
         all_t = torch.from_numpy(tokens.astype(np.int64)).to(self.device)
         rope = qwen3.Rope.build(self.hp, tokens.shape[1], self.device)
         with torch.no_grad():
