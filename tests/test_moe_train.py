@@ -69,3 +69,42 @@ def test_moe_resumed_training_writes_the_same_bytes_and_ggq_reads_it(
     ckpt = Checkpoint(tmp_path / "a")
     assert (ckpt.hparams.n_expert, ckpt.hparams.n_expert_used, ckpt.hparams.n_ff_exp) == (4, 2, 64)
     assert ckpt.load("blk.0.ffn_down_exps.weight").shape == (4, 64, 64)
+
+
+def test_per_layer_balance_is_each_layers_own_loss() -> None:
+    """Two layers, one routing evenly and one sending every token to the same experts: the pooled
+    loss averages the counts first, the per-layer one is the mean of the two layers' own losses,
+    and only the skewed layer is above top_k (2)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    even = torch.zeros(64, 4)
+    skewed = torch.tensor([[4.0, 3.0, -4.0, -4.0]]).repeat(64, 1)
+    own = [float(load_balancing_loss_func((r,), 4, 2)) for r in (even, skewed)]
+    assert abs(own[0] - 2.0) < 1e-5 and own[1] > 3.0
+    got = float(tr.per_layer_balance((even, skewed), 4, 2))
+    assert abs(got - sum(own) / 2) < 1e-6
+    pooled = float(load_balancing_loss_func((even, skewed), 4, 2))
+    assert abs(pooled - got) > 0.1
+
+
+def test_init_warm_starts_from_a_model_folder(tmp_path: Path, small_text: Path) -> None:
+    """--init loads every weight of a folder this script wrote (0 steps later the export equals
+    it); a folder of another shape is refused naming the tensor; --resume needs the same --init."""
+    common = [*TINY, "--text", str(small_text)]
+    assert tr.main([*common, "--ckpt-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "a")]) == 0
+    model = tr.build_model(SHAPE, seed=5)
+    tr.init_from(model, tmp_path / "a")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "model.safetensors"))
+    for name, p in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(p, saved[name].float()), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    wide = [*common, "--hidden", "128", "--init", str(tmp_path / "a")]
+    assert tr.main([*wide, "--ckpt-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "b")]) == 2
+    warm = [*common, "--init", str(tmp_path / "a"), "--balance", "per-layer"]
+    c3 = ["--ckpt-dir", str(tmp_path / "c3"), "--out", str(tmp_path / "c")]
+    assert tr.main([*warm, *c3, "--stop-after", "2"]) == 0
+    assert tr.main([*common, "--balance", "per-layer", *c3, "--resume"]) == 2  # without --init
+    assert tr.main([*warm, *c3, "--resume"]) == 0

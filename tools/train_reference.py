@@ -109,6 +109,10 @@ class Schedule:
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1
+    # MoE: "pooled" = transformers' load-balancing loss over the routings of all layers at once
+    # (one layer's experts may starve while the pooled counts look even); "per-layer" = the mean
+    # of that loss taken over each layer's routings alone
+    balance: str = "pooled"
 
 
 def check_shape(s: Shape) -> None:
@@ -232,6 +236,8 @@ def train_step(
     aux = getattr(out, "aux_loss", None)  # MoE with output_router_logits: the load-balancing loss
     if aux is not None:
         config: Any = model.config
+        if sch.balance == "per-layer":
+            aux = per_layer_balance(out.router_logits, config.num_experts, config.num_experts_per_tok)
         loss = lm + config.router_aux_loss_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -241,6 +247,37 @@ def train_step(
     if aux is not None:
         stats["aux_loss"] = aux.item()
     return stats
+
+
+def per_layer_balance(router_logits: tuple[torch.Tensor, ...], n_expert: int, top_k: int) -> torch.Tensor:
+    """Mean over the layers of transformers' load-balancing loss of each layer's (tokens,
+    n_expert) router logits alone: top_k when that layer's routings are even."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    losses = [load_balancing_loss_func((r,), n_expert, top_k) for r in router_logits]
+    return torch.stack([torch.as_tensor(v) for v in losses]).mean()
+
+
+def init_from(model: torch.nn.Module, folder: Path) -> str:
+    """Start from the weights of a model folder this script wrote (a warm start: new optimizer
+    and schedule), read by transformers (which fuses the hub's per-expert tensors as the model
+    holds them). Every parameter must be there with its shape; returns the file's sha256."""
+    import transformers
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise TrainError(f"--init {folder}: no model.safetensors")
+    src = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    for name, p in own.items():
+        if name not in src:
+            raise TrainError(f"--init {path}: no tensor {name}")
+        if tuple(src[name].shape) != tuple(p.shape):
+            raise TrainError(
+                f"--init {path}: {name} is {tuple(src[name].shape)}, this shape needs {tuple(p.shape)}"
+            )
+    model.load_state_dict({k: src[k] for k in own})
+    return sha256_file(path)
 
 
 def save_checkpoint(
@@ -259,9 +296,9 @@ def load_checkpoint(
     cosine then continues from the resumed step on the new length; the history records it)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     old = state["meta"]
-    for key in ("shape", "tokens"):
-        if old[key] != meta[key]:
-            raise TrainError(f"{path}: made with {key} {old[key]}, not this run's {meta[key]}")
+    for key in ("shape", "tokens", "init"):
+        if old.get(key) != meta.get(key):
+            raise TrainError(f"{path}: made with {key} {old.get(key)}, not this run's {meta.get(key)}")
     mine = {k: v for k, v in meta["schedule"].items() if k != "steps"}
     theirs = {k: v for k, v in old["schedule"].items() if k != "steps"}
     if mine != theirs:
@@ -304,6 +341,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/train_reference"))
     ap.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from --ckpt-dir/last.pt")
+    ap.add_argument("--init", type=Path, help="start from this model folder's weights (warm start)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--measure", type=int, default=0, help="time N steps, write nothing")
@@ -337,6 +375,8 @@ def run(a: argparse.Namespace) -> None:
         raise TrainError("--out is required")
     if sch.steps <= 0 or sch.batch <= 0 or sch.seq <= 0:
         raise TrainError("--steps, --batch and --seq must be positive")
+    if sch.balance not in ("pooled", "per-layer"):
+        raise TrainError(f"--balance {sch.balance}: expected pooled or per-layer")
     torch.set_num_threads(a.threads)
     a.ckpt_dir.mkdir(parents=True, exist_ok=True)
     tok_json = a.tokenizer_dir / "tokenizer.json"
@@ -351,6 +391,8 @@ def run(a: argparse.Namespace) -> None:
         "history": [{"from_step": 0, "steps": sch.steps}],
     }
     model = build_model(shape, sch.seed)
+    if a.init is not None:
+        meta["init"] = {"folder": str(a.init), "sha256": init_from(model, a.init)}
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{shape.arch}: {n_params:,} parameters; text {len(ids_np):,} tokens; {sch.steps} steps x {sch.batch} x {sch.seq}",
