@@ -273,3 +273,27 @@ def test_moe_budget_is_refused_in_one_line(checkpoint, prose: Path, tmp_path: Pa
     calib = ["--calib", str(prose), "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--dry-run"]
     code, log = _convert([str(checkpoint("moe-4")), "--target-bpw", "4.5", *calib], tmp_path)
     assert code == 2 and "MoE" in log and "\n" not in log.strip(), log
+
+
+def test_gptq_methods_are_priced_by_gptqs_own_error(model: Path) -> None:
+    """For the GPTQ methods the raw loss of a layer linear is GPTQ's error on the float model's H,
+    not RTN's: lower at every type GPTQ can target, and the probe (the float model with that one
+    tensor quantized, measured by its KLD) quantizes the same way, so it measures less KLD too."""
+    ckpt = Checkpoint(model)
+    tokens = np.random.default_rng(0).integers(0, SPEC.vocab_size, (8, 64))
+    names = [f"blk.{i}.{r}.weight" for i in range(SPEC.num_hidden_layers) for r in ("attn_q", "ffn_down")]
+    types = {n: bud.candidates(ckpt.load(n).shape, None) for n in names}
+    got = {
+        err: sen.measure(ckpt, tokens, types, sen.SensitivitySettings("calibration", error=err), "k")
+        for err in ("rtn", "gptq")
+    }
+    from ggq.solvers.options import supported_types
+
+    for n in names:
+        for t in types[n]:
+            g, r = got["gptq"].raw[n][t], got["rtn"].raw[n][t]
+            if t in supported_types():
+                assert g < r, (n, t, g, r)
+            else:  # IQ4_XS (no GPTQ grid) and F16: as RTN prices them
+                assert g == r, (n, t)
+        assert got["gptq"].probes[n][1] < got["rtn"].probes[n][1], n

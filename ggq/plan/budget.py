@@ -203,6 +203,8 @@ def plan_budget(
     settings = req.settings
     if opts.kind.needs_calibration or opts.imatrix:
         settings = replace(settings, importance="calibration")
+    if opts.kind.uses_gptq:
+        settings = replace(settings, error="gptq", damp=opts.cal.damp, act_order=opts.cal.act_order)
     key = cache_key(ckpt, opts.method, prepared.provenance, settings)
     kv = (("budget", budget), ("target", target), ("predicted_kld", 0.0), ("sensitivity", key))
     calib = prepared.provenance if opts.kind.needs_calibration else {}

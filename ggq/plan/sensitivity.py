@@ -8,11 +8,13 @@ predicted from one calibration pass and calibrated on a sample of measured singl
    ``token_embd`` that are read).
 2. Raw loss of (tensor, type): tr(E H E^T) / tokens, E = W - deq(Q_type(W)) by ggml's own encoder
    with the importance the writer will use (none for plain RTN, diag(H) / tokens for the
-   calibrated methods and --imatrix). For ``token_embd``: the count-weighted squared error of its
+   calibrated methods and --imatrix); for the GPTQ methods (``error="gptq"``) Q_type is GPTQ
+   itself on the float model's H, for the layers' linears: GPTQ lowers the error of the coarse
+   types far more than that of the fine ones, so RTN's errors would price Q2_K/Q3_K too high. For ``token_embd``: the count-weighted squared error of its
    rows, plus the output part when the embedding is tied.
 3. Probes: for a sample of tensors (all of them up to ``max_probes``), the mean KLD over the probe
-   windows of the float model with that one tensor quantized at a probe type (about 3.4 bpw),
-   computed from the cached hidden state at its layer. gain = measured KLD / raw loss; a tensor not
+   windows of the float model with that one tensor quantized at a probe type (about 3.4 bpw, by
+   the same quantizer as its raw loss), computed from the cached hidden state at its layer. gain = measured KLD / raw loss; a tensor not
    probed takes the gain interpolated (in log) over the layers of the probed tensors of its role.
    Predicted KLD (tensor, type) = gain * raw loss: a plan's predicted KLD is the sum over tensors.
 
@@ -39,7 +41,7 @@ from ggq.checkpoint import Checkpoint
 from ggq.errors import GGQError
 from ggq.files import atomic_write
 
-VERSION = 1
+VERSION = 2  # 2: the GPTQ methods' errors are GPTQ's (error="gptq")
 PROBE_BPW = 3.4  # probe type: the candidate nearest this many bits per weight
 
 
@@ -53,6 +55,9 @@ class SensitivitySettings:
     probe_windows: int = 4  # calibration windows the probes' KLD is measured on
     max_probes: int = 64  # single-tensor changes measured (all tensors when there are fewer)
     batch: int = 8  # windows per forward batch
+    error: str = "rtn"  # "rtn": E by ggml's encoder; "gptq": by GPTQ on H (the layers' linears)
+    damp: float = 0.01  # GPTQ's damping (error="gptq")
+    act_order: bool = False  # GPTQ's column order (error="gptq")
 
 
 @dataclass
@@ -167,16 +172,20 @@ def measure(
     model = _float_model.FloatModel(ckpt, device, settings.batch)
     stats = model.calibrate(tokens)
     t1 = time.perf_counter()
-    raw = {n: _raw_losses(ckpt, n, cands, stats, settings, model.tied) for n, cands in types.items()}
+    sample = probe_sample(list(types), settings.max_probes)
+    probe_types = {n: probe_type(list(types[n])) for n in sample}
+    deq: dict[str, np.ndarray] = {}  # probed tensor -> its weights quantized at its probe type
+    raw = {
+        n: _raw_losses(ckpt, n, cands, stats, settings, model.tied, (probe_types.get(n), deq))
+        for n, cands in types.items()
+    }
     t2 = time.perf_counter()
     model.prepare_probes(tokens[: settings.probe_windows])
     measured: dict[str, float] = {}
     probes: dict[str, tuple[str, float]] = {}
-    for n in probe_sample(list(types), settings.max_probes):
-        pt = probe_type(list(types[n]))
-        w = ckpt.load(n)
-        imp = _importance(n, stats, settings, w.shape[-1])
-        kld = model.probe_kld(n, quantized(w, pt, imp))
+    for n in sample:
+        pt = probe_types[n]
+        kld = model.probe_kld(n, deq.pop(n))
         probes[n] = (pt, kld)
         measured[n] = kld / raw[n][pt] if raw[n][pt] > 0 else 0.0
         if log:
@@ -202,12 +211,39 @@ def _importance(name: str, stats: Any, settings: SensitivitySettings, n_in: int)
 
 
 def _raw_losses(
-    ckpt: Checkpoint, name: str, cands: tuple[str, ...], stats: Any, settings: SensitivitySettings, tied: bool
+    ckpt: Checkpoint,
+    name: str,
+    cands: tuple[str, ...],
+    stats: Any,
+    settings: SensitivitySettings,
+    tied: bool,
+    keep: tuple[str | None, dict[str, np.ndarray]],
 ) -> dict[str, float]:
+    """tr(E H E^T) / tokens per candidate type; the quantized weights of type ``keep[0]`` (the
+    probe type of a probed tensor, else None) are stored in ``keep[1]`` for the probe."""
     w = ckpt.load(name)  # (rows, n_in) float32
     imp = _importance(name, stats, settings, w.shape[-1])
+    h = stats.h_of(name) if settings.error == "gptq" and name.startswith("blk.") else None
     out = {}
     for t in cands:
-        e = w - quantized(w, t, imp)
-        out[t] = stats.loss(name, e, tied)
+        # GPTQ's grid types (all the planner offers a GPTQ method's linears); the rest as RTN
+        by_gptq = h is not None and t in _gptq_types()
+        q = _gptq_weights(w, h, t, settings) if h is not None and by_gptq else quantized(w, t, imp)
+        out[t] = stats.loss(name, w - q, tied)
+        if t == keep[0]:
+            keep[1][name] = q
     return out
+
+
+def _gptq_types() -> frozenset[str]:
+    from ggq.solvers.options import supported_types
+
+    return frozenset(supported_types())
+
+
+def _gptq_weights(w: np.ndarray, h: np.ndarray, type_name: str, settings: SensitivitySettings) -> np.ndarray:
+    """What llama.cpp decodes from GPTQ's encoding of ``w`` in ``type_name`` on the float
+    model's ``h``: the error the GPTQ methods leave (before the error of earlier layers)."""
+    from ggq.solvers.gptq import Target, gptq  # torch: only on the GPTQ methods' path
+
+    return gptq(w, h, Target(type_name), damp=settings.damp, act_order=settings.act_order).weights
