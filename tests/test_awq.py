@@ -90,6 +90,64 @@ def test_search_is_never_worse_than_unscaled() -> None:
     assert found.loss_plain == unscaled
 
 
+def _salient_problem(seed: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2048, 256)).astype(np.float32) * (1 + 4 * rng.random(256)).astype(np.float32)
+    x[:, :4] *= 15  # salient channels
+    w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    return x, w, torch.from_numpy(x.T @ x)
+
+
+def test_ranked_scales_are_sorted_and_start_with_the_search_result() -> None:
+    x, w, h = _salient_problem(2)
+    args = ([(w, "Q4_0")], h, np.abs(x).mean(0).astype(np.float64), (x**2).mean(0), np.arange(256))
+    ranked = awq.ranked_scales(*args)
+    assert len(ranked) == 41  # unscaled + 20 alphas + 20 duo alphas
+    assert [r.loss for r in ranked] == sorted(r.loss for r in ranked)
+    best = awq.search_scales(*args)
+    assert best.exponents == ranked[0].exponents and np.array_equal(best.scales, ranked[0].scales)
+
+
+def test_block_choice_follows_the_block_error_not_the_linear_one() -> None:
+    """With the linear output error as the block error it keeps the search's best; with an error
+    that only the unscaled candidate makes small, it picks that one."""
+    x, w, h = _salient_problem(3)
+    mean_sq = (x**2).mean(0)
+    ranked = awq.ranked_scales(
+        [(w, "Q4_0")], h, np.abs(x).mean(0).astype(np.float64), mean_sq, np.arange(256)
+    )
+    assert ranked[0].exponents != (0.0, 0.0)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+
+    def linear(qs: list[torch.Tensor]) -> float:
+        return float(((xt @ (wt - qs[0]).T) ** 2).sum())
+
+    top = ranked[:5]
+    assert awq.block_choice(top, [(w, "Q4_0")], mean_sq, np.arange(256), linear) is top[0]
+    plain_q = torch.from_numpy(awq.quantized_weights(w, "Q4_0", mean_sq))
+    unscaled = next(r for r in ranked if r.exponents == (0.0, 0.0))
+
+    def only_plain(qs: list[torch.Tensor]) -> float:
+        return float((qs[0] - plain_q).abs().sum())
+
+    assert awq.block_choice(ranked, [(w, "Q4_0")], mean_sq, np.arange(256), only_plain) is unscaled
+
+
+def test_clipped_choice_scores_each_candidate_after_its_clip_search() -> None:
+    """Its loss is the clipped error of the chosen scales: never above that candidate's unclipped
+    error, and the least over the candidates of the same clipped measure."""
+    x, w, h = _salient_problem(4)
+    mean_sq, ch = (x**2).mean(0), np.arange(256)
+    weights = [(w, "Q4_K")]
+    ranked = awq.ranked_scales(weights, h, np.abs(x).mean(0).astype(np.float64), mean_sq, ch)
+    top = ranked[:3]
+    found = awq.clipped_choice(top, weights, h, mean_sq, ch)
+    chosen = next(c for c in top if np.array_equal(c.scales, found.scales))
+    assert found.loss <= chosen.loss
+    for c in top:
+        assert found.loss <= awq.clipped_choice([c], weights, h, mean_sq, ch).loss
+
+
 def test_refit_norm_undoes_a_per_channel_distortion() -> None:
     """Quantized weights off by a factor per input channel: the least-squares refit finds it."""
     rng = np.random.default_rng(1)

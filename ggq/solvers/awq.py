@@ -13,7 +13,8 @@ square) of the scaled input, as the final encoder will quantize it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,18 +138,82 @@ def search_scales(
     (n_in, n_in) sum of x x^T, ``mean_abs`` / ``mean_sq`` (n_in,) of x, ``channel`` (n_in,) the
     scale index of each column. Candidates: alpha in {0, 1/grid, ..., 1}, with and without the
     weights' mean magnitude; ties keep the earlier (unscaled first)."""
+    return ranked_scales(weights, h, mean_abs, mean_sq, channel, grid)[0]
+
+
+def ranked_scales(
+    weights: list[tuple[np.ndarray, str]],
+    h: torch.Tensor,
+    mean_abs: np.ndarray,
+    mean_sq: np.ndarray,
+    channel: np.ndarray,
+    grid: int = 20,
+) -> list[ScaleResult]:
+    """Every candidate of :func:`search_scales`, by increasing output error (ties: the earlier
+    first, the unscaled one before all)."""
     x_mean = _per_channel(mean_abs, channel)
     w_rel = np.concatenate([np.abs(w) / np.abs(w).max(1, keepdims=True).clip(1e-12) for w, _ in weights])
     w_mean = _per_channel(w_rel.mean(0).astype(np.float64), channel)  # (n_ch,)
     plain = output_error(weights, h, mean_sq, np.ones(len(channel), np.float32))
-    best = ScaleResult(np.ones(len(x_mean), np.float32), (0.0, 0.0), plain, plain)
+    found = [ScaleResult(np.ones(len(x_mean), np.float32), (0.0, 0.0), plain, plain)]
     for duo in (False, True):
         for k in range(1, grid + 1) if not duo else range(grid):
             alpha = k / grid
             s = candidate_scales(x_mean, w_mean if duo else None, alpha)
             loss = output_error(weights, h, mean_sq, s[channel])
-            if loss < best.loss:
-                best = ScaleResult(s, (alpha, 1 - alpha if duo else 0.0), loss, plain)
+            found.append(ScaleResult(s, (alpha, 1 - alpha if duo else 0.0), loss, plain))
+    return sorted(found, key=lambda r: r.loss)  # stable: ties keep the earlier
+
+
+def block_choice(
+    candidates: list[ScaleResult],
+    weights: list[tuple[np.ndarray, str]],
+    mean_sq: np.ndarray,
+    channel: np.ndarray,
+    block_error: Callable[[list[torch.Tensor]], float],
+) -> ScaleResult:
+    """The candidate whose quantized linears give the least ``block_error``: the error of the
+    output of the block they are part of (through its non-linearities), given each linear's
+    ``Q(W * cols) / cols`` (rows, n_in) in ``weights``' order. Ties keep the earlier."""
+    best, best_err = candidates[0], math.inf
+    for c in candidates:
+        cols = c.scales[channel]
+        importance = (mean_sq / cols**2).astype(np.float32)
+        qs = [
+            torch.from_numpy(quantized_weights(w * cols[None, :], t, importance) / cols[None, :])
+            for w, t in weights
+        ]
+        err = block_error(qs)
+        if err < best_err:
+            best, best_err = c, err
+    return best
+
+
+def clipped_choice(
+    candidates: list[ScaleResult],
+    weights: list[tuple[np.ndarray, str]],
+    h: torch.Tensor,
+    mean_sq: np.ndarray,
+    channel: np.ndarray,
+) -> ScaleResult:
+    """Scales and clipping searched jointly: the candidate with the least output error once each
+    linear is clipped (:func:`clip_search` in the scaled space, as the encoder will see it) and
+    quantized. Ties keep the earlier; the result's ``loss`` is its clipped error."""
+    best: ScaleResult | None = None
+    for c in candidates:
+        cols = c.scales[channel]
+        ct = torch.from_numpy(cols).to(h.device)
+        hs = h / ct[:, None] / ct[None, :]  # (n_in, n_in) X^T X of the scaled input X / cols
+        importance = (mean_sq / cols**2).astype(np.float32)
+        loss = 0.0
+        for w, t in weights:
+            ws = w * cols[None, :]
+            e = ws - quantized_weights(clip_search(ws, t, importance, hs), t, importance)
+            et = torch.from_numpy(e).to(h.device)
+            loss += total((et @ hs) * et)
+        if best is None or loss < best.loss:
+            best = ScaleResult(c.scales, c.exponents, loss, c.loss_plain)
+    assert best is not None
     return best
 
 

@@ -317,32 +317,76 @@ class _Layer:
         with timed("stats"):
             return s.result()
 
-    def scale(self, prev: str, batches: Callable[[], Iterable[torch.Tensor]], tokens: int) -> bool:
+    def scale(
+        self,
+        prev: str,
+        batches: Callable[[], Iterable[torch.Tensor]],
+        tokens: int,
+        block: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    ) -> bool:
         """AWQ: search the scales of the group fed by ``prev`` on its linears' input (``batches()``)
-        and fold them in; False (nothing done) for gptq or a group without quantized linears."""
+        and fold them in; False (nothing done) for gptq or a group without quantized linears.
+        ``block(x, weights)``: the output of the block the group's linears are part of, on input
+        windows x (k, T, n_in), for SolverOptions.block_candidates."""
         group = next(g for g in awq.QWEN3_GROUPS if g.prev == prev)
         quantized = [n for n in group.linears if self.types[n] not in ggml.FLOAT_TYPES]
         if not self.opts.kind.scales_activations or not quantized:
             return False
         s = StatsStream(tokens, self.opts.search_tokens, full=False)
+        use_block = block is not None and self.opts.block_candidates > 1
+        windows: list[torch.Tensor] = []  # (T, n_in) evenly strided windows of the input, for block
+        seen = 0
         for b in batches():
             with timed("stats"):
                 s.add(b)
+                if use_block:
+                    windows += self._sample_windows(b, seen, tokens // b.shape[1])
+                seen += b.shape[0]
         with timed("stats"):
             stats = s.result()
         assert stats.h_sample is not None
         with timed("solve"):
-            self._search(group, quantized, stats.h_sample.shape[0], stats)
+            xs = torch.stack(windows) if windows else None
+            self._search(group, quantized, stats.h_sample.shape[0], stats, block if use_block else None, xs)
         return True
 
-    def _search(self, group: awq.ScaleGroup, quantized: list[str], n_in: int, stats: InputStats) -> None:
+    def _sample_windows(self, b: torch.Tensor, seen: int, n_win: int) -> list[torch.Tensor]:
+        """The windows of batch ``b`` (its first is window ``seen`` of ``n_win``) that are in the
+        block objective's sample: every stride-th, block_tokens tokens in all."""
+        stride = max(1, n_win // max(1, self.opts.block_tokens // b.shape[1]))
+        return [b[i].clone() for i in range((-seen) % stride, b.shape[0], stride)]
+
+    def _search(
+        self,
+        group: awq.ScaleGroup,
+        quantized: list[str],
+        n_in: int,
+        stats: InputStats,
+        block: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        xs: torch.Tensor | None = None,
+    ) -> None:
         hp, prev = self.hp, group.prev
         assert stats.h_sample is not None
         channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
         weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
-        found = awq.search_scales(
+        ranked = awq.ranked_scales(
             weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
         )
+        found = ranked[0]
+        if block is not None and xs is not None:
+            ref = block(xs, self.dev)  # the block's output with the float weights
+
+            def block_error(qs: list[torch.Tensor]) -> float:
+                w = dict(self.dev) | {n: q.to(xs.device) for n, q in zip(quantized, qs, strict=True)}
+                return total((block(xs, w) - ref) ** 2)
+
+            found = awq.block_choice(
+                ranked[: self.opts.block_candidates], weights, stats.mean_sq, channel, block_error
+            )
+        if self.opts.clip_candidates > 1 and self.opts.clip:
+            found = awq.clipped_choice(
+                ranked[: self.opts.clip_candidates], weights, stats.h_sample, stats.mean_sq, channel
+            )
         if self.opts.refine_scales:
             found = awq.refine_scales(weights, stats.h_sample, stats.mean_sq, channel, found)
         self.rep.alphas[prev] = found.exponents
@@ -514,7 +558,13 @@ def solve_layer(
     def down_in(b: torch.Tensor) -> torch.Tensor:
         return qwen3.mlp_core(mlp_in(b), d)
 
-    L.scale("attn_norm", lambda: batches(attn_in), tokens)
+    def attn_block(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return qwen3.attention_core(x, w, hp, rope) @ w["attn_output"].T
+
+    def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return qwen3.mlp_core(x, w) @ w["ffn_down"].T
+
+    L.scale("attn_norm", lambda: batches(attn_in), tokens, attn_block)
     st = L.stats(batches(attn_in), tokens, refit=True)  # with the folded norm, as llama.cpp computes it
     L.quantize(("attn_q", "attn_k"), st)
     L.scale("attn_v", lambda: batches(o_in), tokens)  # v is unquantized until folded into
@@ -528,7 +578,7 @@ def solve_layer(
         if not finite[0]:
             raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
         return h, LayerResult(L.out, L.act_sums)
-    L.scale("ffn_norm", lambda: batches(mlp_in), tokens)
+    L.scale("ffn_norm", lambda: batches(mlp_in), tokens, mlp_block)
     st = L.stats(batches(mlp_in), tokens, refit=True)
     L.quantize(("ffn_gate",), st)
     L.scale("ffn_up", lambda: batches(down_in), tokens)

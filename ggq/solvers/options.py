@@ -48,6 +48,13 @@ class SolverOptions:
     refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
     clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
+    # AWQ: the best this many candidates of the linears' output error re-ranked by the error of
+    # their block's output (attention after o_proj, MLP after down_proj, the rest float); <= 1: off
+    block_candidates: int = 0
+    block_tokens: int = 8192  # tokens (whole windows, evenly strided) of that block objective
+    # AWQ: the best this many candidates re-ranked by their output error after the clip search
+    # (scales and clipping searched jointly); <= 1: off
+    clip_candidates: int = 0
     device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
     # tokens (evenly strided) on which LayerReport.errors are measured; 0: no error diagnostics
     diag_tokens: int = 512
