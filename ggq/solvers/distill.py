@@ -298,6 +298,26 @@ class Distiller:
         codes = _CodeSteps([c.u for c in self.coded.values()])
         norms = torch.optim.Adam(list(self.norms.values()), lr=opts.norm_lr, betas=(0.9, 0.99))
         rng = np.random.default_rng(opts.seed)
+        scales = [c.log_scale for c in self.coded.values() if c.log_scale is not None]
+        for ls in scales:  # block scales are the block phase's: no backward work for them here
+            ls.requires_grad_(False)
+        try:
+            return self._train_end_to_end(train_t, held_t, rope, codes, norms, rng, opts, report)
+        finally:
+            for ls in scales:
+                ls.requires_grad_(True)
+
+    def _train_end_to_end(
+        self,
+        train_t: torch.Tensor,
+        held_t: torch.Tensor,
+        rope: qwen3.Rope,
+        codes: _CodeSteps,
+        norms: torch.optim.Adam,
+        rng: np.random.Generator,
+        opts: DistillOptions,
+        report: Callable[[StepReport], None] | None,
+    ) -> float:
         best = self.kld(held_t, rope, opts.batch)
         best_state, best_step, since = self.state(), 0, 0
         if report:
