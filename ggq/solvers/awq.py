@@ -195,10 +195,12 @@ def clipped_choice(
     h: torch.Tensor,
     mean_sq: np.ndarray,
     channel: np.ndarray,
+    grid: int = 20,
 ) -> ScaleResult:
     """Scales and clipping searched jointly: the candidate with the least output error once each
-    linear is clipped (:func:`clip_search` in the scaled space, as the encoder will see it) and
-    quantized. Ties keep the earlier; the result's ``loss`` is its clipped error."""
+    linear is clipped (:func:`clip_search` with ``grid`` steps, in the scaled space, as the
+    encoder will see it) and quantized. Ties keep the earlier; the result's ``loss`` is its
+    clipped error."""
     best: ScaleResult | None = None
     for c in candidates:
         cols = c.scales[channel]
@@ -208,7 +210,7 @@ def clipped_choice(
         loss = 0.0
         for w, t in weights:
             ws = w * cols[None, :]
-            e = ws - quantized_weights(clip_search(ws, t, importance, hs), t, importance)
+            e = ws - quantized_weights(clip_search(ws, t, importance, hs, grid), t, importance)
             et = torch.from_numpy(e).to(h.device)
             loss += total((et @ hs) * et)
         if best is None or loss < best.loss:

@@ -55,6 +55,8 @@ class SolverOptions:
     # AWQ: the best this many candidates re-ranked by their output error after the clip search
     # (scales and clipping searched jointly); <= 1: off
     clip_candidates: int = 0
+    clip_candidate_grid: int = 20  # clip ratios of that joint search (1 down to 0.5 in this many steps)
+    salience: str = "mean_abs"  # AWQ: a channel's salience, mean |x| (AWQ's) or "rms" sqrt(mean x^2)
     device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
     # tokens (evenly strided) on which LayerReport.errors are measured; 0: no error diagnostics
     diag_tokens: int = 512
