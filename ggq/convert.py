@@ -122,20 +122,11 @@ def make_plan(ckpt: Checkpoint, opts: ConvertOptions) -> list[PlannedTensor]:
 
 
 def _check_moe(ckpt: Checkpoint, opts: ConvertOptions) -> None:
-    """MoE: RTN and gptq (per expert, on the tokens the router sends it: solvers/layerwise.py
-    solve_experts). AWQ's scales, --save-imatrix's per-expert entries and --distill's student
-    forward do not route to experts yet."""
+    """MoE: RTN, gptq, awq and awq+gptq (per expert, on the tokens the router sends it:
+    solvers/layerwise.py solve_experts, solvers/moe.py), --save-imatrix with llama-imatrix's
+    per-expert entries. --distill's student forward does not route to experts yet."""
     if not ckpt.arch.is_moe or opts.method not in METHODS or not opts.kind.needs_calibration:
         return
-    if opts.kind.scales_activations:
-        raise ConvertError(
-            f"--method {opts.method}: not yet for {ckpt.arch.hf_name} (AWQ scales per expert are to come); "
-            "use --method gptq or rtn"
-        )
-    if opts.save_imatrix:
-        raise ConvertError(
-            f"--save-imatrix: not yet for {ckpt.arch.hf_name} (per-expert entries are to come)"
-        )
     if opts.distill.on:
         raise ConvertError(f"--distill: not yet for {ckpt.arch.hf_name} (the student has no expert routing)")
 
@@ -228,7 +219,7 @@ def solved_layers(
     prepared: SolverInput,
     opts: ConvertOptions,
     report: Callable[[LayerReport], None] | None,
-    act_sums: dict[str, tuple[np.ndarray, int]],
+    act_sums: dict[str, tuple[np.ndarray, int | np.ndarray]],
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Per layer, in order: (layer, {GGUF name: bytes}) of every tensor the solver changed
     (quantized linears; with AWQ also the norms and float linears it folded into).
@@ -349,7 +340,7 @@ def convert(
     _check_save_imatrix(opts.method, opts.save_imatrix)
     plan = make_plan(ckpt, opts) if plan is None else plan
     prepared = prepare_calibration(ckpt, opts) if opts.kind.needs_calibration else None
-    act_sums: dict[str, tuple[np.ndarray, int]] = {}
+    act_sums: dict[str, tuple[np.ndarray, int | np.ndarray]] = {}
     solved = solved_layers(ckpt, plan, prepared, opts, layer_report, act_sums) if prepared else None
     if solved is not None and prepared is not None and opts.distill.on:
         solved = distilled(ckpt, plan, solved, prepared, opts.distill, distill_report)

@@ -157,9 +157,6 @@ def test_router_routing_no_token_is_one_line(checkpoint, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--method", "awq"], "--method awq: not yet for Qwen3MoeForCausalLM"),
-        (["--method", "awq+gptq"], "--method awq+gptq: not yet for Qwen3MoeForCausalLM"),
-        (["--method", "gptq", "--save-imatrix", "{tmp}/i.gguf"], "--save-imatrix: not yet"),
         (["--method", "gptq", "--distill", "2"], "--distill: not yet"),
     ],
 )

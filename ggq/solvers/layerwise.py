@@ -49,7 +49,7 @@ import torch
 
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
-from ggq.solvers import awq
+from ggq.solvers import awq, moe
 from ggq.solvers.gptq import Target, gptq
 from ggq.solvers.options import (
     LayerReport,
@@ -282,8 +282,9 @@ class _Layer:
     col_scale: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> AWQ factor of its columns
     unquantized: dict[str, np.ndarray] = field(default_factory=dict)  # linear -> (folded) weights, for refit
     dev: dict[str, torch.Tensor] = field(default_factory=dict)  # the weights on opts.device
-    # linear -> (sum of x^2 per input column, tokens) of the input it reads in the written model
-    act_sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    # linear -> (sum of x^2 per input column, tokens) of the input it reads in the written model;
+    # a merged expert tensor: ((n_expert, n_in), (n_expert,)), llama-imatrix's per-expert entry
+    act_sums: dict[str, tuple[np.ndarray, int | np.ndarray]] = field(default_factory=dict)
     # Qwen3-MoE: merged expert tensor -> each expert's bytes so far, and (rtn, solver) errors
     expert_out: dict[str, list[np.ndarray]] = field(default_factory=dict)
     expert_errors: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
@@ -369,11 +370,8 @@ class _Layer:
         assert stats.h_sample is not None
         channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
         weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
-        salience = (
-            stats.mean_abs if self.opts.salience == "mean_abs" else np.sqrt(stats.mean_sq.astype(np.float64))
-        )
         ranked = awq.ranked_scales(
-            weights, stats.h_sample, salience, stats.mean_sq, channel, self.opts.awq_grid
+            weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
         )
         found = ranked[0]
         if block is not None and xs is not None:
@@ -451,15 +449,19 @@ class _Layer:
             self.act_sums[name] = (stats.sum_sq, stats.tokens)
             self.set(name, torch.from_numpy(q))
 
-    def quantize_expert(self, name: str, e: int, stats: InputStats, last_use: bool = False) -> None:
-        """GPTQ of expert ``e`` of the merged ``name`` on its input's X^T X: its bytes go to
-        ``expert_out``, its slice of the layer's weights (and their device copy) becomes the decoded one."""
+    def quantize_expert(
+        self, name: str, e: int, stats: InputStats, last_use: bool = False, cols: np.ndarray | None = None
+    ) -> None:
+        """Expert ``e`` of the merged ``name`` on its input's statistics: GPTQ on X^T X (gptq,
+        awq+gptq) or the clip search and importance-weighted RTN (awq). Its bytes go to
+        ``expert_out``, its slice of the layer's weights (and their device copy) becomes the decoded
+        one. ``cols``: the AWQ factor of its columns (the diagnostics' RTN is of the unscaled weights)."""
         t, we = self.types[name], self.w[name][e].numpy()  # (rows, cols), a view of the 3-D tensor
         if t in ggml.FLOAT_TYPES:
             with timed("encode"):
                 data = ggml.quantize(we, t)
                 q = ggml.dequantize(data, t, we.shape[1])
-        else:
+        elif self.opts.kind.uses_gptq:
             assert stats.h_full is not None
             with timed("solve"):
                 res = gptq(
@@ -472,11 +474,24 @@ class _Layer:
                 )
             data, q = res.data, res.weights
             self.rep.damp[name] = max(self.rep.damp.get(name, 0.0), res.damp)
-            if stats.x_sample is not None:
-                with timed("diag"):
-                    rtn = awq.quantized_weights(we, t, None)
-                    errs = _rel_errors(we, [rtn, q], stats.x_sample)
-                    self.expert_errors.setdefault(name, []).append((errs[0], errs[1]))
+            if last_use:
+                stats.h_full = None
+        else:
+            assert stats.h_sample is not None
+            with timed("solve"):
+                wc = awq.clip_search(we, t, stats.mean_sq, stats.h_sample) if self.opts.clip else we
+            with timed("encode"):
+                data = ggml.quantize(wc, t, stats.mean_sq, n_threads=0)
+                q = ggml.dequantize(data, t, we.shape[1])
+        if t not in ggml.FLOAT_TYPES and stats.x_sample is not None:
+            with timed("diag"):
+                rtn = (
+                    awq.quantized_weights(we, t, None)
+                    if cols is None
+                    else awq.quantized_weights(we / cols[None, :], t, None) * cols[None, :]
+                )
+                errs = _rel_errors(we, [rtn, q], stats.x_sample)
+                self.expert_errors.setdefault(name, []).append((errs[0], errs[1]))
         self.expert_out.setdefault(name, []).append(data)
         self.w[name][e] = torch.from_numpy(q)
         if self.dev[name] is not self.w[name]:
@@ -517,7 +532,8 @@ class _Layer:
 class LayerResult:
     tensors: dict[str, np.ndarray]  # short name -> bytes of every tensor the solver changed
     # linear -> (sum of x^2 per input column, tokens) of its calibration input in the written model
-    act_sums: dict[str, tuple[np.ndarray, int]]
+    # (merged experts: per expert, llama-imatrix's layout)
+    act_sums: dict[str, tuple[np.ndarray, int | np.ndarray]]
 
 
 def solve_layer(
@@ -603,26 +619,31 @@ def solve_layer(
 
 
 EXPERT_WEIGHTINGS = ("plain", "weighted")
+GATE_EXPS, UP_EXPS, DOWN_EXPS = qwen3.EXPERTS
 
 
 def solve_experts(L: _Layer, inputs: Callable[[], Iterable[torch.Tensor]], tokens: int) -> None:
-    """GPTQ of every expert of a Qwen3-MoE layer, one expert at a time (its X^T X only in memory).
+    """Every expert of a Qwen3-MoE layer, one expert at a time (its statistics only in memory).
 
     ``inputs()`` yields the MLP input (the normed residual, with the layer's attention already
-    quantized) batch by batch. The router (float32, kept as it is) routes each token once; expert
-    e's gate/up are solved on the X^T X of the tokens routed to it, its down on the SwiGLU of those
-    tokens through its quantized gate/up. ``expert_weighting`` "weighted" scales each token's row
-    by its routing weight (X^T X then weights it by the square: the factor of its output error).
+    quantized) batch by batch. The router (float32) routes each token once; expert e's gate/up are
+    solved on the statistics of the tokens routed to it, its down on the SwiGLU of those tokens
+    through its quantized gate/up. ``expert_weighting`` "weighted" scales each token's row by its
+    routing weight (X^T X then weights it by the square: the factor of its output error).
+
+    gptq: GPTQ on X^T X. awq / awq+gptq (solvers/moe.py): first the ffn_norm scale shared by all
+    experts, searched on the sum of their gate/up output errors and folded into the norm, every
+    expert's gate/up and the router's columns (the router stays exact); then per expert gate,
+    its up -> down scale (searched on its SwiGLU through the quantized gate), up, down; each
+    quantized as the dense path does (importance-weighted RTN after the clip search, or GPTQ).
 
     Fallback: an expert routed fewer than ``expert_min_tokens`` tokens (default n_embd: below it
     its X^T X cannot have full rank and GPTQ would fit the damping) is solved as if every token of
-    the layer were routed to it with weight 1, i.e. on the pooled X^T X of all calibration tokens
-    (and its own SwiGLU of them for down). Never left unquantized; the report lists the tokens per
-    expert and the experts that fell back."""
+    the layer were routed to it with weight 1, i.e. on the pooled statistics of all calibration
+    tokens (and its own SwiGLU of them for down), without an up -> down scale. Never left
+    unquantized; the report lists the tokens per expert and the experts that fell back."""
     hp, opts, rep, d = L.hp, L.opts, L.rep, L.dev
     where = f"layer {rep.layer}"
-    if opts.kind.scales_activations:
-        raise SolverError(f"{where}: --method {opts.method} is not yet done for experts (gptq is)")
     if opts.expert_weighting not in EXPERT_WEIGHTINGS:
         raise SolverError(
             f"expert weighting {opts.expert_weighting!r}: expected one of {', '.join(EXPERT_WEIGHTINGS)}"
@@ -639,43 +660,124 @@ def solve_experts(L: _Layer, inputs: Callable[[], Iterable[torch.Tensor]], token
     min_tokens = opts.expert_min_tokens or hp.n_embd
     rep.expert_tokens = [int(c) for c in counts]
     weighted = opts.expert_weighting == "weighted"
+    kind = opts.kind
+    pooled = [bool(counts[e] < min_tokens) for e in range(hp.n_expert)]
+    rep.expert_fallbacks = [e for e in range(hp.n_expert) if pooled[e]]
 
-    for e in range(hp.n_expert):
-        pooled = bool(counts[e] < min_tokens)
-        if pooled:
-            rep.expert_fallbacks.append(e)
+    sums: dict[str, list[np.ndarray]] = {n: [] for n in qwen3.EXPERTS}  # per expert, for act_sums
 
-        def rows(
-            x: torch.Tensor, r: qwen3.Routing, e: int = e, pooled: bool = pooled
-        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """Expert e's input rows of a batch (all rows when it fell back) and their weights."""
+    def stream(
+        e: int, fn: Callable[[torch.Tensor], torch.Tensor], full: bool, sample: bool, record: str = ""
+    ) -> InputStats:
+        """Statistics of ``fn`` of expert e's input rows (all rows when it fell back), weighted
+        by their routing weights with "weighted"; ``record``: the merged tensor reading them, whose
+        imatrix entry gets expert e's sum of squares over its routed rows (as llama-imatrix sums:
+        unweighted, only the rows routed to it)."""
+        n = tokens if pooled[e] else int(counts[e])
+        s = StatsStream(n, opts.search_tokens, full=full, sample=sample, diag_tokens=opts.diag_tokens)
+        routed: torch.Tensor | None = None  # sum of y^2 over e's routed rows, unweighted (imatrix)
+        for x, r in zip(inputs(), routings, strict=True):
             flat = x.reshape(-1, x.shape[-1])
-            if pooled:
-                return flat, None
-            idx, weight = r.tokens_of(e)
-            return flat[idx], weight if weighted else None
-
-        def stream(fn: Callable[[torch.Tensor], torch.Tensor], n: int) -> InputStats:
-            s = StatsStream(n, opts.search_tokens, full=True, sample=False, diag_tokens=opts.diag_tokens)
-            for x, r in zip(inputs(), routings, strict=True):
-                xe, weight = rows(x, r)
-                with timed("forward"):
-                    y = fn(xe)
-                    if weight is not None:
-                        y = y * weight[:, None]
-                with timed("stats"):
-                    s.add(y)
+            idx, wr = r.tokens_of(e)
+            xe, weight = (flat, None) if pooled[e] else (flat[idx], wr if weighted else None)
+            with timed("forward"):
+                y = fn(xe)
+                if record:
+                    own = y[idx] if pooled[e] else y
+                    sq = own.to(torch.float64).pow(2).sum(0)
+                    routed = sq if routed is None else routed + sq
+                if weight is not None:
+                    y = y * weight[:, None]
             with timed("stats"):
-                return s.result()
+                s.add(y)
+        with timed("stats"):
+            st = s.result()
+        if record:
+            assert routed is not None
+            sums[record].append(routed.cpu().numpy())
+        return st
 
-        n = tokens if pooled else int(counts[e])
-        st = stream(lambda xe: xe, n)
-        L.quantize_expert("ffn_gate_exps", e, st)
-        L.quantize_expert("ffn_up_exps", e, st, last_use=True)
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    full, sample = kind.uses_gptq, not kind.uses_gptq
+    norm_cols = _scale_experts_norm(L, inputs, tokens, counts, stream) if kind.scales_activations else None
+    for e in range(hp.n_expert):
+        st = stream(e, identity, full, sample, record=GATE_EXPS)
+        sums[UP_EXPS].append(sums[GATE_EXPS][-1])  # gate and up read the same input
+        L.quantize_expert(GATE_EXPS, e, st, cols=norm_cols)
+        up_cols = None
+        if kind.scales_activations and not pooled[e] and L.types[DOWN_EXPS] not in ggml.FLOAT_TYPES:
+            act = stream(e, functools.partial(qwen3.expert_core, w=d, e=e), full=False, sample=True)
+            assert act.h_sample is not None
+            with timed("solve"):
+                found = awq.search_scales(
+                    [(L.w[DOWN_EXPS][e].numpy(), L.types[DOWN_EXPS])],
+                    act.h_sample,
+                    act.mean_abs,
+                    act.mean_sq,
+                    np.arange(act.h_sample.shape[0]),
+                    opts.awq_grid,
+                )
+            del act
+            moe.fold_up(L.w, e, torch.from_numpy(found.scales))
+            L.refresh(UP_EXPS, DOWN_EXPS)
+            up_cols = found.scales
+        L.quantize_expert(UP_EXPS, e, st, last_use=True, cols=norm_cols)
         del st
         swiglu = functools.partial(qwen3.expert_core, w=d, e=e)  # through the quantized gate/up
-        L.quantize_expert("ffn_down_exps", e, stream(swiglu, n), last_use=True)
+        L.quantize_expert(
+            DOWN_EXPS, e, stream(e, swiglu, full, sample, DOWN_EXPS), last_use=True, cols=up_cols
+        )
     L.finish_experts()
+    for n, per_expert in sums.items():  # (n_expert, n_in) and (n_expert,) tokens: llama-imatrix's entry
+        L.act_sums[n] = (np.stack(per_expert), counts.copy())
+    router_in = torch.zeros(hp.n_embd, dtype=torch.float64)  # llama-imatrix has the router's entry too
+    for x in inputs():  # with the folded norm, as the written model computes it
+        with timed("stats"):
+            router_in += x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).cpu()
+    L.act_sums[qwen3.ROUTER] = (router_in.numpy(), tokens)
+    if kind.scales_activations:
+        L.finish_norms()
+        with timed("encode"):
+            L.out[qwen3.ROUTER] = ggml.quantize(L.w[qwen3.ROUTER].numpy(), L.types[qwen3.ROUTER])
+
+
+def _scale_experts_norm(
+    L: _Layer,
+    inputs: Callable[[], Iterable[torch.Tensor]],
+    tokens: int,
+    counts: np.ndarray,
+    stream: Callable[[int, Callable[[torch.Tensor], torch.Tensor], bool, bool], InputStats],
+) -> np.ndarray | None:
+    """AWQ's ffn_norm scale of a MoE layer (solvers/moe.py), folded into L's weights: returns the
+    factor of the experts' gate/up columns, or None (gate/up kept in a float type: no search)."""
+    hp, opts = L.hp, L.opts
+    if L.types[GATE_EXPS] in ggml.FLOAT_TYPES and L.types[UP_EXPS] in ggml.FLOAT_TYPES:
+        return None
+    pool = StatsStream(tokens, opts.search_tokens, full=False, sample=False)
+    for x in inputs():
+        with timed("stats"):
+            pool.add(x)
+    with timed("stats"):
+        mean_abs = pool.result().mean_abs
+    names = [n for n in (GATE_EXPS, UP_EXPS) if L.types[n] not in ggml.FLOAT_TYPES]
+    cands = moe.norm_candidates(mean_abs, [L.w[n][e].numpy() for e in range(hp.n_expert) for n in names])
+    losses = np.zeros(len(cands), np.float64)
+    for e in range(hp.n_expert):
+        if not counts[e]:
+            continue  # its output error is over no token
+        st = stream(e, lambda x: x, False, True)
+        assert st.h_sample is not None
+        sampled = -(-st.tokens // max(1, st.tokens // opts.search_tokens))  # rows in h_sample
+        weights = [(L.w[n][e].numpy(), L.types[n]) for n in names]
+        with timed("solve"):  # the sample's error, per routed token of the expert
+            losses += moe.candidate_losses(cands, weights, st.h_sample, st.mean_sq, int(counts[e]) / sampled)
+    best = cands[int(np.argmin(losses))]  # the first of equal losses: the unscaled one before all
+    L.rep.alphas["ffn_norm"] = best.exponents
+    moe.fold_norm(L.w, torch.from_numpy(best.scales))
+    L.refresh("ffn_norm", qwen3.ROUTER, GATE_EXPS, UP_EXPS)
+    return best.scales
 
 
 def solve_layers(
