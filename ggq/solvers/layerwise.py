@@ -370,8 +370,11 @@ class _Layer:
         assert stats.h_sample is not None
         channel = awq.channel_map(group, n_in, hp.n_head, hp.n_head_kv, hp.head_dim)
         weights = [(self.w[n].numpy(), self.types[n]) for n in quantized]
+        salience = (
+            stats.mean_abs if self.opts.salience == "mean_abs" else np.sqrt(stats.mean_sq.astype(np.float64))
+        )
         ranked = awq.ranked_scales(
-            weights, stats.h_sample, stats.mean_abs, stats.mean_sq, channel, self.opts.awq_grid
+            weights, stats.h_sample, salience, stats.mean_sq, channel, self.opts.awq_grid
         )
         found = ranked[0]
         if block is not None and xs is not None:
