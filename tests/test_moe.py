@@ -252,12 +252,23 @@ def test_plan_of_an_8_expert_model_follows_llama_quantize_moe_rules(checkpoint) 
     assert plan["blk.0.ffn_gate_exps.weight"] == plan["blk.0.ffn_up_exps.weight"] == "Q4_K"
 
 
-@pytest.mark.parametrize("method", ["awq", "awq+gptq"])  # gptq: tests/test_moe_gptq.py
-def test_calibrated_methods_say_not_yet(checkpoint, tmp_path: Path, method: str) -> None:
-    line = convert_fails(checkpoint("moe"), tmp_path, "--method", method)
-    assert f"--method {method}: not yet for Qwen3MoeForCausalLM" in line
-    line = convert_fails(checkpoint("moe"), tmp_path, "--method", method, "--dry-run")
-    assert "not yet" in line
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])  # converts: tests/test_moe_awq.py
+def test_calibrated_methods_plan_with_dry_run(checkpoint, tmp_path: Path, method: str) -> None:
+    out = tmp_path / "x.gguf"
+    args = [
+        "convert",
+        str(checkpoint("moe")),
+        "--type",
+        "Q4_K_M",
+        "--method",
+        method,
+        "--dry-run",
+        "-o",
+        str(out),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "ffn_down_exps" in result.output and not out.exists()
 
 
 def test_dry_run_prints_the_moe_plan(checkpoint) -> None:
