@@ -146,11 +146,12 @@ def test_cli_reports_tokens_per_expert(checkpoint, tmp_path: Path) -> None:
     assert all(r["expert_fallbacks"] == list(range(8)) for r in layers)  # 32 tokens each < n_embd 256
 
 
-def test_router_routing_no_token_is_one_line(checkpoint, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_router_routing_no_token_is_one_line(checkpoint, tmp_path: Path, method: str) -> None:
     """A router whose logits overflow (softmax NaN): calibration reaches no expert of the layer."""
     huge = torch.full((8, 256), 3e38, dtype=torch.bfloat16)
     d = edited_copy(checkpoint("moe"), tmp_path / "ck", **{"model__layers__0__mlp__gate__weight": huge})
-    line = convert_fails(d, tmp_path, "--method", "gptq", "--nsamples", "2", "--seqlen", "64")
+    line = convert_fails(d, tmp_path, "--method", method, "--nsamples", "2", "--seqlen", "64")
     assert "blk.0.ffn_gate_inp.weight routes" in line and "to no expert" in line
 
 
