@@ -152,17 +152,34 @@ def ranked_scales(
     """Every candidate of :func:`search_scales`, by increasing output error (ties: the earlier
     first, the unscaled one before all)."""
     x_mean = _per_channel(mean_abs, channel)
-    w_rel = np.concatenate([np.abs(w) / np.abs(w).max(1, keepdims=True).clip(1e-12) for w, _ in weights])
-    w_mean = _per_channel(w_rel.mean(0).astype(np.float64), channel)  # (n_ch,)
+    w_mean = _per_channel(row_relative_mean([w for w, _ in weights]), channel)  # (n_ch,)
     plain = output_error(weights, h, mean_sq, np.ones(len(channel), np.float32))
-    found = [ScaleResult(np.ones(len(x_mean), np.float32), (0.0, 0.0), plain, plain)]
+    grid_ = grid_candidates(x_mean, w_mean, grid)
+    found = [ScaleResult(*grid_[0], plain, plain)]  # unscaled: importance-weighted RTN
+    for s, exponents in grid_[1:]:
+        found.append(ScaleResult(s, exponents, output_error(weights, h, mean_sq, s[channel]), plain))
+    return sorted(found, key=lambda r: r.loss)  # stable: ties keep the earlier
+
+
+def row_relative_mean(weights: list[np.ndarray]) -> np.ndarray:
+    """(n_in,) float64 mean over every row of the linears (rows, n_in) of |w| / the row's max |w|:
+    the duo candidates' mean weight magnitude."""
+    w_rel = np.concatenate([np.abs(w) / np.abs(w).max(1, keepdims=True).clip(1e-12) for w in weights])
+    return w_rel.mean(0).astype(np.float64)
+
+
+def grid_candidates(
+    x_mean: np.ndarray, w_mean: np.ndarray, grid: int = 20
+) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """AWQ's scale grid, (scales, exponents of mean|x| and of 1 / mean|w|), unscaled first: alpha
+    in {1/grid, ..., 1} on mean|x| alone, then {0, ..., (grid - 1)/grid} with ``w_mean`` (duo)."""
+    found = [(np.ones(len(x_mean), np.float32), (0.0, 0.0))]
     for duo in (False, True):
         for k in range(1, grid + 1) if not duo else range(grid):
             alpha = k / grid
             s = candidate_scales(x_mean, w_mean if duo else None, alpha)
-            loss = output_error(weights, h, mean_sq, s[channel])
-            found.append(ScaleResult(s, (alpha, 1 - alpha if duo else 0.0), loss, plain))
-    return sorted(found, key=lambda r: r.loss)  # stable: ties keep the earlier
+            found.append((s, (alpha, 1 - alpha if duo else 0.0)))
+    return found
 
 
 def block_choice(

@@ -38,15 +38,8 @@ def norm_candidates(mean_abs: np.ndarray, experts: list[np.ndarray], grid: int =
     """awq.ranked_scales' candidates for the shared ffn_norm scale, unscaled first: ``mean_abs``
     (n_embd,) of the layer's MLP input over all tokens, ``experts`` every expert's gate and up
     weights (rows, n_embd), whose row-relative magnitude gives the duo candidates' mean |w|."""
-    w_rel = np.concatenate([np.abs(w) / np.abs(w).max(1, keepdims=True).clip(1e-12) for w in experts])
-    w_mean = w_rel.mean(0).astype(np.float64)
-    found = [Candidate(np.ones(len(mean_abs), np.float32), (0.0, 0.0))]
-    for duo in (False, True):
-        for k in range(1, grid + 1) if not duo else range(grid):
-            alpha = k / grid
-            s = awq.candidate_scales(mean_abs, w_mean if duo else None, alpha)
-            found.append(Candidate(s, (alpha, 1 - alpha if duo else 0.0)))
-    return found
+    w_mean = awq.row_relative_mean(experts)
+    return [Candidate(s, e) for s, e in awq.grid_candidates(mean_abs, w_mean, grid)]
 
 
 def candidate_losses(
