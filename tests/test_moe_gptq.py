@@ -77,12 +77,12 @@ def test_experts_below_the_threshold_fall_back_to_the_pooled_hessian(checkpoint)
     hp = ckpt.hparams
     own = solved_layer0(ckpt, "Q4_K_M", SolverOptions(method="gptq"))
     counts = own[3].expert_tokens
-    threshold = sorted(counts)[1] + 1  # the two least-routed experts fall back
+    threshold = sorted(counts)[1] + 1  # the two least-routed experts fall back (more on a tie)
     _, after, result, rep, types = solved_layer0(
         ckpt, "Q4_K_M", SolverOptions(method="gptq", expert_min_tokens=threshold)
     )
     low = sorted(e for e in range(hp.n_expert) if counts[e] < threshold)
-    assert rep.expert_fallbacks == low and len(low) == 2
+    assert rep.expert_fallbacks == low and 2 <= len(low) < hp.n_expert
     for name in EXPERTS:
         shape = tuple(after[name].shape)
         ours = decoded(result, name, types[f"blk.0.{name}.weight"], shape)

@@ -39,7 +39,11 @@ def test_streamed_stats_are_the_whole_set_bits(rows: int, piece: int) -> None:
     stride = max(1, rows // 3000)
     assert np.array_equal(st.mean_sq, x.pow(2).mean(0).numpy())
     assert np.array_equal(st.mean_abs, x.abs().mean(0).numpy().astype(np.float64))
-    assert st.h_full is not None and np.array_equal(st.h_full, gram(x).numpy())
+    whole = StatsStream(rows, search_tokens=3000, full=True, sample=False)
+    whole.add(x)
+    assert st.h_full is not None and np.array_equal(st.h_full, whole.result().h_full)
+    assert np.array_equal(st.h_full, st.h_full.T)  # the upper triangle mirrored: exactly symmetric
+    np.testing.assert_allclose(st.h_full, gram(x).numpy(), rtol=1e-5, atol=1e-5 * np.diag(st.h_full).max())
     assert st.h_sample is not None
     assert torch.equal(st.h_sample, gram(x[::stride], torch.float32).to(torch.float32))
     assert st.x_sample is not None and torch.equal(st.x_sample, x[:: max(1, rows // 100)])
@@ -301,3 +305,25 @@ def test_gptq_holds_one_group_of_decode_tables() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) < 6, done.stdout
+
+
+@pytest.mark.parametrize("n", [300, 1025])
+def test_reversed_cholesky_factors_h_in_its_memory(n: int) -> None:
+    """GPTQ's one factorization: H + damp x mean diagonal x I = M M^T with M upper triangular,
+    against numpy's float64 product of the factor as gptq reads it; a singular H (rank n / 2)
+    gets its damping raised, restarting from the original H (the result is the factor of H plus
+    the damping reported, not of a matrix damped twice)."""
+    from ggq.solvers.gptq import _m_rows, _reversed_cholesky
+
+    for rank, damp in ((n + 50, 0.01), (n // 2, 1e-20)):
+        h = gram(_x(rank, n, seed=n + rank))
+        want = h.numpy().copy()
+        own = h.clone()
+        rt, used = _reversed_cholesky(own, damp)
+        assert rt.data_ptr() == own.data_ptr() and used >= damp
+        assert (used == damp) == (rank > n)
+        want[np.diag_indices(n)] += used * float(np.diag(want).mean())
+        d = torch.diag(rt).flip(0)
+        m = _m_rows(rt, d, 0, n).double() * d  # (n, n) M, its rows from _m_rows
+        assert np.allclose(np.tril(m.numpy(), -1), 0)
+        np.testing.assert_allclose((m @ m.T).numpy(), want, rtol=1e-5, atol=1e-6 * np.diag(want).max())

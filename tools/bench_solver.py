@@ -20,6 +20,11 @@ convert_side_by_side), prints them side by side with their peak RSS, and says wh
 files hold the same tensors byte for byte (exit 1 if not):
 
     .venv/bin/python tools/bench_solver.py --shape 8B --layers 1 --methods gptq --vs-llama-cpp
+
+``--legacy`` runs each method twice, one after the other in the same run, on the same checkpoint
+and threads: first with ``SolverOptions.legacy_gptq`` (the GPTQ statistics and factorization as
+before issue 13's part 3), then as it is now, and prints how many times faster per layer the
+new code is.
 """
 
 from __future__ import annotations
@@ -81,7 +86,9 @@ def vm_hwm_mib() -> float:
     return 0.0
 
 
-def child(ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: int, device: str) -> None:
+def child(
+    ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: int, device: str, legacy: bool
+) -> None:
     """Run one method's solver over every layer, one JSON line per layer on stdout."""
     import numpy as np
 
@@ -94,7 +101,7 @@ def child(ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: i
     ckpt = Checkpoint(ckpt_path)
     types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions(type_name)))}
     tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (nsamples, seqlen))
-    opts = SolverOptions(method=method, device=resolve_device(device))
+    opts = SolverOptions(method=method, device=resolve_device(device), legacy_gptq=legacy)
 
     def report(rep: LayerReport) -> None:
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}
@@ -104,9 +111,12 @@ def child(ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: i
         pass
 
 
-def run_method(ckpt: Path, method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_method(
+    ckpt: Path, method: str, args: argparse.Namespace, legacy: bool = False
+) -> list[dict[str, Any]]:
     cmd = [*PYTHON, __file__, "--child", str(ckpt), "--methods", method, "--type", args.type]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
+    cmd += ["--legacy"] if legacy else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -168,10 +178,15 @@ def main() -> int:
         action="store_true",
         help="also RTN ggq convert vs llama.cpp's convert_hf_to_gguf.py + llama-quantize on the checkpoint",
     )
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="also run each method with the GPTQ code before issue 13 part 3, first, and compare",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.methods, args.type, args.nsamples, args.seqlen, args.device)
+        child(args.child, args.methods, args.type, args.nsamples, args.seqlen, args.device, args.legacy)
         return 0
 
     shape = SHAPES[args.shape]
@@ -187,7 +202,14 @@ def main() -> int:
             f"{args.nsamples} x {args.seqlen} calibration tokens, {args.type}, {args.device}, "
             f"{args.threads} threads"
         )
-        results = [table(m, run_method(ckpt, m, args), shape) for m in args.methods.split(",") if m]
+        results = []
+        for m in (m for m in args.methods.split(",") if m):
+            if args.legacy:
+                results.append(table(f"{m} (legacy)", run_method(ckpt, m, args, legacy=True), shape))
+            results.append(table(m, run_method(ckpt, m, args), shape))
+            if args.legacy:
+                old, new = results[-2]["seconds_per_layer"], results[-1]["seconds_per_layer"]
+                print(f"{m}: {old:.1f} s/layer legacy, {new:.1f} s/layer now: {old / new:.2f}x faster")
         rtn = rtn_vs_llama_cpp(ckpt, Path(tmp), args.type, args.threads, size) if args.vs_llama_cpp else None
     if args.json:
         doc = {"args": vars(args) | {"checkpoint": str(ckpt)}, "runs": results, "rtn_vs_llama_cpp": rtn}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, replace
+from io import BufferedRandom
 
 import numpy as np
 import torch
@@ -117,6 +118,63 @@ class GPTQResult:
     data: np.ndarray  # (rows, row_bytes) uint8: the tensor as written to the GGUF
     weights: np.ndarray  # (rows, cols) float32: the values llama.cpp dequantizes from ``data``
     damp: float  # the damping used: the requested one, or raised until H was positive definite
+
+
+def _reversed_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """H = M M^T with M (n, n) upper triangular, from one Cholesky factorization: with J the
+    reversal, J H J = L L^T gives H = (J L J)(J L J)^T. GPTQ's U (upper, U^T U = H^-1) is M^-1,
+    which the loop never needs (gptq: its feedback is a triangular solve with M). Damping raised
+    x10 until H is positive definite (_tries); returns, in ``h``'s memory (n, n) float64, the row-major matrix
+    R^T with M[i, j] = R^T[n - 1 - i, n - 1 - j] (_m_rows reads it), and the damping it took.
+
+    J H J is H's memory read backwards (row-major: element i * n + j goes to (n-1-i) * n +
+    (n-1-j)); it is symmetric, so its column-major view is what LAPACK reads. H goes to an
+    unlinked temporary file first: it is read back reversed, and again after a failed try."""
+    if not (damp > 0 and np.isfinite(damp)):
+        raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
+    mean_diag = float(torch.diag(h).mean())
+    buf = h.numpy().reshape(-1)  # (n * n,) h's memory
+    f = h.mT  # (n, n) the same memory, column-major: what LAPACK reads
+    info = torch.zeros((), dtype=torch.int32)
+    with tempfile.TemporaryFile() as spill:
+        buf.tofile(spill)
+        for k in range(_tries(damp)):
+            _read_reversed(spill, buf)
+            tried = damp * 10**k
+            f.diagonal().add_(tried * mean_diag)  # J H J + tried * mean_diag * I without an identity
+            with one_thread():  # MKL's factorizations differ between thread counts
+                torch.linalg.cholesky_ex(f, upper=True, out=(f, info))  # f = R, R^T R = J H J
+            if int(info) == 0:
+                return h, tried
+    raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
+
+
+def _tries(damp: float) -> int:
+    """How many dampings damp x 10^k the factorization tries: six, or up to the mean diagonal
+    itself when that takes more. The float32 chunk products of X^T X leave a singular H (fewer
+    tokens than columns) indefinite by about float32's epsilon x its norm, which a damping far
+    below that (``--damp 1e-16``) cannot fix in five raises."""
+    return max(6, int(np.ceil(-np.log10(damp))) + 1) if damp < 1 else 6
+
+
+def _read_reversed(spill: BufferedRandom, buf: np.ndarray, chunk: int = 1 << 20) -> None:
+    """``buf`` (k,) float64 := the k values in ``spill`` in reverse order, a chunk at a time."""
+    tmp = np.empty(chunk, dtype=buf.dtype)
+    k = buf.size
+    for a in range(0, k, chunk):
+        c = min(chunk, k - a)
+        spill.seek((k - a - c) * buf.itemsize)
+        spill.readinto(tmp[:c].data.cast("B"))
+        buf[a : a + c] = tmp[:c][::-1]
+
+
+def _m_rows(rt: torch.Tensor, d: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    """Rows b0..b1 of M / diag(M) from columns b0 on, (b1 - b0, n - b0) float32: ``rt`` the
+    factor as _reversed_cholesky leaves it, ``d`` (n,) M's diagonal. N[i, j] = M[i, j] / M[j, j]
+    is the feedback of column i's error into column j (unit diagonal)."""
+    n = rt.shape[0]
+    m = rt[n - b1 : n - b0, : n - b0].flip(0, 1)  # (b1 - b0, n - b0) M[b0:b1, b0:], a copy
+    return (m / d[b0:]).to(torch.float32)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -219,6 +277,7 @@ def gptq(
     block: int = 256,
     act_order: bool = False,
     overwrite: bool = False,
+    legacy: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
 
@@ -226,32 +285,130 @@ def gptq(
     ``overwrite``: ``h`` (float64) may be factorized in place instead of copied (its values are
     lost): one n x n float64 matrix in all, 1.2 GB for Qwen3-8B's ffn_down.
     The loop keeps the columns of a lazy batch as contiguous rows (``W1t``) and searches five
-    codes per column; its results are those of the plain column loop, bit for bit.
+    codes per column.
+
+    The error feedback is GPTQ's in either form. With H = M M^T (M upper, one Cholesky
+    factorization of the reversed H) column j is rounded at w0_j + sum_{i<j} (w0_i - q_i)
+    M[i, j] / M[j, j], w0 the weights given: the textbook's w_j after its feedback through
+    U = M^-1 (U^T U = H^-1), since W0 - Q = E U for its scaled errors E. ``legacy``: the
+    textbook form on U from chol(H), its inverse and chol(H^-1) (three factorizations, ~4x
+    the flops; issue 13's code before its part 3, kept for the benchmark's comparison).
     """
     rows, cols = w.shape
     group = target.group
     if cols % group:
         raise SolverError(f"{target.name}: {cols} columns are not a whole number of {group}-blocks")
-    W = torch.from_numpy(np.array(w, dtype=F32))  # (rows, cols), updated in place
     if overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable:
         H = torch.from_numpy(h)
     else:
         H = torch.from_numpy(np.array(h, dtype=np.float64))
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     grids = _Grids(target, torch.diag(H).to(torch.float32).numpy())
+    w0 = np.asarray(w, dtype=F32)  # (rows, cols) the weights given: read, never written
+    if bool(dead.any()):
+        w0 = w0.copy()
+        w0[:, dead.numpy()] = 0.0
+    W = torch.from_numpy(w0.copy())  # (rows, cols), updated in place
     order = np.arange(cols)  # processing position -> original column
     if act_order:
         for col in range(0, cols, group):
             grids.fit(W[:, col : col + group].numpy(), col)
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H, order = W[:, perm], H[perm][:, perm], perm.numpy()
+    block = max(block // group, 1) * group
+    codes_t = np.zeros((cols, rows), dtype=np.uint8)  # by original column
+    run = _loop_legacy if legacy else _loop
+    damp = run(W, H, w0, order, grids, codes_t, damp, block, act_order)
+    if act_order:  # W's columns in processing order -> original order
+        W = W[:, torch.from_numpy(np.argsort(order, kind="stable"))]
+    return GPTQResult(data=grids.pack(codes_t.T), weights=W.numpy(), damp=damp)
+
+
+def _column(grids: _Grids, x: np.ndarray, col: int, codes_t: np.ndarray) -> np.ndarray:
+    """Round column ``x`` (rows,), original column ``col``, to its block's nearest values;
+    records the codes and returns the values (rows,)."""
+    t = grids.target
+    c, q = grids.grids[col // t.sub].nearest(x, t.unit, t.uniform)
+    codes_t[col] = c
+    return q
+
+
+def _start_group(grids: _Grids, g: np.ndarray, col: int) -> None:
+    """Without act-order a group's scales are fitted at its first column (original ``col``) on
+    its columns as they are then, ``g`` (rows, group); the previous group's tables go."""
+    if col:
+        grids.release(col - grids.target.group)
+    grids.fit(g, col)
+
+
+def _textbook_state(c: torch.Tensor, w0: np.ndarray, N: torch.Tensor, i: int) -> np.ndarray:
+    """A group's columns as textbook GPTQ has them at the group's first column, (rows, group):
+    from ``c`` (group, rows), their values in _loop's form (w0 + the feedback D N of the columns
+    before), ``w0`` (group, rows) the given ones and ``N`` the batch's feedback rows, the group's
+    first at row ``i``. The textbook's are w0 + D M12 M22^-1 over the columns left (H12 H22^-1,
+    the optimal compensation), whose group columns need only the group's own block of M:
+    w0 + (c - w0) N_gg^-1, N_gg (group, group) unit upper triangular."""
+    g = c.shape[0]
+    w0t = torch.from_numpy(w0)
+    n_gg = N[i : i + g, i : i + g]  # (g, g) unit upper: its lower triangle is not read
+    fix = torch.linalg.solve_triangular(n_gg.T, c - w0t, upper=False, unitriangular=True)  # (g, rows)
+    return (w0t + fix).numpy().T
+
+
+def _loop(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    w0: np.ndarray,
+    order: np.ndarray,
+    grids: _Grids,
+    codes_t: np.ndarray,
+    damp: float,
+    block: int,
+    act_order: bool,
+) -> float:
+    """GPTQ's columns on the factor M of H = M M^T: ``W`` (rows, cols) in processing order is
+    updated in place to the quantized weights; returns the damping used."""
+    cols, group = W.shape[1], grids.target.group
+    rt, damp = _reversed_cholesky(H, damp)  # in H's memory
+    d = torch.diag(rt).flip(0)  # (cols,) M's diagonal
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        N = _m_rows(rt, d, b0, b1)  # (nb, cols - b0) float32 feedback rows
+        W1t = W[:, b0:b1].T.contiguous()  # (nb, rows): a column is a contiguous row
+        W1t_np = W1t.numpy()
+        W0t = np.ascontiguousarray(w0[:, order[b0:b1]].T)  # (nb, rows) the given weights
+        D1t = np.empty_like(W1t_np)  # (nb, rows): w0 - q of the block's columns
+        Q1t = np.empty_like(W1t_np)  # (nb, rows): the block's quantized columns
+        for i in range(b1 - b0):
+            col = int(order[b0 + i])
+            if not act_order and col % group == 0:
+                _start_group(grids, _textbook_state(W1t[i : i + group], W0t[i : i + group], N, i), col)
+            Q1t[i] = _column(grids, W1t_np[i], col, codes_t)
+            np.subtract(W0t[i], Q1t[i], out=D1t[i])
+            W1t[i + 1 :].addr_(N[i, i + 1 : b1 - b0], torch.from_numpy(D1t[i]))
+        W[:, b1:].addmm_(torch.from_numpy(D1t).T, N[:, b1 - b0 :])
+        W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
+    return damp
+
+
+def _loop_legacy(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    w0: np.ndarray,
+    order: np.ndarray,
+    grids: _Grids,
+    codes_t: np.ndarray,
+    damp: float,
+    block: int,
+    act_order: bool,
+) -> float:
+    """The textbook loop on U, the upper Cholesky factor of H^-1 (the code before issue 13's
+    part 3, bit for bit)."""
+    cols, group = W.shape[1], grids.target.group
     upper, damp = _inverse_cholesky(H, damp)  # in H's memory
     Hinv = _float32_in_place(upper)  # (cols, cols) float32, still in H's memory
     del H, upper
-    block = max(block // group, 1) * group
-    codes_t = np.zeros((cols, rows), dtype=np.uint8)  # by original column
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         W1t = W[:, b0:b1].T.contiguous()  # (nb, rows): a column is a contiguous row
@@ -263,17 +420,12 @@ def gptq(
         for i in range(b1 - b0):
             col = int(order[b0 + i])
             if not act_order and col % group == 0:
-                if col:
-                    grids.release(col - group)
-                grids.fit(W1t_np[i : i + group].T, col)
+                _start_group(grids, W1t_np[i : i + group].T, col)
             x = W1t_np[i]
-            c, q = grids.grids[col // target.sub].nearest(x, target.unit, target.uniform)
-            codes_t[col], Q1t[i] = c, q
+            Q1t[i] = q = _column(grids, x, col, codes_t)
             err = (x - q) / diag[i]
             Err1t[i] = err
             W1t[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * torch.from_numpy(err))  # not -=: no copy back
         W[:, b1:] -= torch.from_numpy(Err1t).T.contiguous() @ Hinv[b0:b1, b1:]
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
-    if act_order:  # W's columns in processing order -> original order
-        W = W[:, torch.from_numpy(np.argsort(order, kind="stable"))]
-    return GPTQResult(data=grids.pack(codes_t.T), weights=W.numpy(), damp=damp)
+    return damp

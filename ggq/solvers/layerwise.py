@@ -61,7 +61,7 @@ from ggq.solvers.options import (
     solver_devices,
     timed,
 )
-from ggq.solvers.reductions import GRAM_ROWS, gram, total
+from ggq.solvers.reductions import GRAM_ROWS, gram, mirror_upper, total
 
 # Rows per partial sum of the per-column sums (mean |x|, mean x^2). torch's ``mean(0)`` on the
 # CPU adds the rows in a cascade whose third level is 4096-row partials added in order (up to
@@ -91,10 +91,11 @@ def _take(pending: list[torch.Tensor], k: int) -> torch.Tensor:
 
 class _GramStream:
     """gram() of rows given in pieces: they are taken GRAM_ROWS at a time in order, so the sum is
-    gram() of all the rows at once, bit for bit, whatever the pieces."""
+    gram() of all the rows at once, bit for bit, whatever the pieces. ``upper``: the upper
+    triangle summed and mirrored at the end (gram(upper=True), then mirror_upper)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, upper: bool = False) -> None:
+        self.dtype, self.upper = dtype, upper
         self.acc: torch.Tensor | None = None  # (n, n) float64
         self.pending: list[torch.Tensor] = []
         self.rows = 0
@@ -112,13 +113,13 @@ class _GramStream:
         if self.acc is None:  # gram() adds to zeros too; given them, it adds in place from the start
             n = rows.shape[-1]
             self.acc = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
-        self.acc = gram(rows, self.dtype, into=self.acc)
+        self.acc = gram(rows, self.dtype, into=self.acc, upper=self.upper)
 
     def result(self) -> torch.Tensor:
         if self.rows:
             self._flush(self.rows)
         assert self.acc is not None
-        return self.acc
+        return mirror_upper(self.acc) if self.upper else self.acc
 
 
 @dataclass
@@ -131,12 +132,16 @@ class InputStats:
     tokens: int
     # (n_in, n_in) float32 sum of x x^T over evenly strided tokens, on x's device (None: not asked)
     h_sample: torch.Tensor | None
-    h_full: np.ndarray | None  # (n_in, n_in) float64 over all tokens, for GPTQ
+    # (n_in, n_in) float64 over all tokens, for GPTQ: float32 products of GRAM_ROWS-row chunks
+    # added in float64 (the upper triangle, mirrored), or with ``legacy`` float64 products
+    h_full: np.ndarray | None
     x_sample: torch.Tensor | None = None  # (k, n_in) evenly strided tokens, for the error diagnostics
 
     @classmethod
-    def of(cls, x: torch.Tensor, search_tokens: int, full: bool, sample: bool = True) -> InputStats:
-        s = StatsStream(x.shape[:-1].numel(), search_tokens, full, sample)
+    def of(
+        cls, x: torch.Tensor, search_tokens: int, full: bool, sample: bool = True, legacy: bool = False
+    ) -> InputStats:
+        s = StatsStream(x.shape[:-1].numel(), search_tokens, full, sample, legacy=legacy)
         s.add(x)
         return s.result()
 
@@ -150,10 +155,17 @@ class InputStats:
 
 class StatsStream:
     """InputStats of an input given batch by batch (``tokens`` rows in all): the same values, bit
-    for bit, as InputStats.of on all the rows at once, with at most a few chunks of rows held."""
+    for bit, as InputStats.of on all the rows at once, with at most a few chunks of rows held.
+    ``legacy``: h_full from float64 products of the whole matrix (SolverOptions.legacy_gptq)."""
 
     def __init__(
-        self, tokens: int, search_tokens: int, full: bool, sample: bool = True, diag_tokens: int = 0
+        self,
+        tokens: int,
+        search_tokens: int,
+        full: bool,
+        sample: bool = True,
+        diag_tokens: int = 0,
+        legacy: bool = False,
     ) -> None:
         self.tokens = tokens
         self.stride = max(1, tokens // search_tokens)  # of the tokens in h_sample
@@ -162,7 +174,9 @@ class StatsStream:
         self.n_pending = self.seen = 0
         self.sum_abs: torch.Tensor | None = None  # (n,) float32, chunk sums added in order
         self.sum_sq: torch.Tensor | None = None
-        self.full = _GramStream(torch.float64) if full else None
+        self.full = None
+        if full:
+            self.full = _GramStream(torch.float64) if legacy else _GramStream(torch.float32, upper=True)
         self.sample = _GramStream(torch.float32) if sample else None
         self.diag: list[torch.Tensor] = []
 
@@ -311,7 +325,8 @@ class _Layer:
         kind = self.opts.kind
         sample = not kind.uses_gptq or (refit and self.refits)
         diag = self.opts.diag_tokens
-        s = StatsStream(tokens, self.opts.search_tokens, full=kind.uses_gptq, sample=sample, diag_tokens=diag)
+        legacy = self.opts.legacy_gptq
+        s = StatsStream(tokens, self.opts.search_tokens, kind.uses_gptq, sample, diag, legacy)
         for b in batches:
             with timed("stats"):
                 s.add(b)
@@ -424,6 +439,7 @@ class _Layer:
                         damp=self.opts.damp,
                         act_order=self.opts.act_order,
                         overwrite=overwrite,
+                        legacy=self.opts.legacy_gptq,
                     )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
@@ -474,6 +490,7 @@ class _Layer:
                     damp=self.opts.damp,
                     act_order=self.opts.act_order,
                     overwrite=last_use,
+                    legacy=self.opts.legacy_gptq,
                 )
             data, q = res.data, res.weights
             self.rep.damp[name] = max(self.rep.damp.get(name, 0.0), res.damp)
@@ -677,7 +694,7 @@ def solve_experts(L: _Layer, inputs: Callable[[], Iterable[torch.Tensor]], token
         imatrix entry gets expert e's sum of squares over its routed rows (as llama-imatrix sums:
         unweighted, only the rows routed to it)."""
         n = tokens if pooled[e] else int(counts[e])
-        s = StatsStream(n, opts.search_tokens, full=full, sample=sample, diag_tokens=opts.diag_tokens)
+        s = StatsStream(n, opts.search_tokens, full, sample, opts.diag_tokens, opts.legacy_gptq)
         routed: torch.Tensor | None = None  # sum of y^2 over e's routed rows, unweighted (imatrix)
         for x, r in zip(inputs(), routings, strict=True):
             flat = x.reshape(-1, x.shape[-1])

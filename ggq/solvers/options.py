@@ -71,6 +71,11 @@ class SolverOptions:
     # fewest whose X^T X can have full rank) falls back to a Hessian over all of the layer's tokens
     expert_min_tokens: int = 0
     expert_weighting: str = "plain"  # "weighted": an expert's X^T X weights each token by its routing weight
+    # GPTQ as before issue 13's part 3, kept for tools/bench_solver.py's old/new comparison:
+    # X^T X from float64 products of the whole matrix, GPTQ's feedback from the Cholesky factor of
+    # H^-1 (chol(H), its inverse, chol(H^-1)); default: float32 chunk products of the upper
+    # triangle added in float64, and one Cholesky factorization (gptq.gptq)
+    legacy_gptq: bool = False
 
     @property
     def kind(self) -> Method:

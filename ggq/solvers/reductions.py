@@ -40,11 +40,16 @@ def one_thread() -> Iterator[None]:
 
 
 def gram(
-    x: torch.Tensor, dtype: torch.dtype = torch.float64, into: torch.Tensor | None = None
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+    into: torch.Tensor | None = None,
+    upper: bool = False,
 ) -> torch.Tensor:
     """sum over the rows r of ``x`` (..., n) of r^T r: (n, n) float64 on x's device.
     ``into``: an earlier gram() result the products are added to, in place, and returned (rows
     given in pieces of whole GRAM_ROWS chunks then sum to gram() of all of them, bit for bit).
+    ``upper``: on the CPU only the upper triangle (with the diagonal blocks) is summed, about half
+    the products; the rest of the result is left as it was (zeros) until :func:`mirror_upper`.
 
     The rows are taken GRAM_ROWS at a time, each chunk's product computed in ``dtype`` and the
     products added in float64 in chunk order. On the CPU the output is cut into column blocks of
@@ -63,10 +68,23 @@ def gram(
             c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n): converted once, read by every task
 
             def columns(b: tuple[int, int], c: torch.Tensor = c) -> None:  # acc's columns b[0]..b[1]
-                acc[:, b[0] : b[1]] += (c.T @ c[:, b[0] : b[1]]).to(torch.float64)
+                top = b[1] if upper else n  # rows of acc: above the diagonal block's end, or all
+                acc[:top, b[0] : b[1]] += (c[:, :top].T @ c[:, b[0] : b[1]]).to(torch.float64)
 
-            list(pool.map(columns, blocks))
+            list(pool.map(columns, blocks[::-1] if upper else blocks))  # the largest tasks first
     return acc
+
+
+def mirror_upper(a: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """``a`` (n, n): its strict lower triangle replaced by the upper one's transpose, in place,
+    a tile at a time (a symmetric matrix from gram(upper=True))."""
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        d = a[i : i + tile, i : i + tile]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        for j in range(i + tile, n, tile):
+            a[j : j + tile, i : i + tile] = a[i : i + tile, j : j + tile].T
+    return a
 
 
 def total(t: torch.Tensor) -> float:
