@@ -269,10 +269,77 @@ def test_target_bpw_is_bits_over_every_weight_of_the_file(model: Path, prose: Pa
     assert (1 - bud.FILL) * out["budget"]["budget"] <= out["budget"]["file_bytes"] <= out["budget"]["budget"]
 
 
-def test_moe_budget_is_refused_in_one_line(checkpoint, prose: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    calib = ["--calib", str(prose), "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--dry-run"]
-    code, log = _convert([str(checkpoint("moe-4")), "--target-bpw", "4.5", *calib], tmp_path)
-    assert code == 2 and "MoE" in log and "\n" not in log.strip(), log
+def test_moe_float_model_is_transformers_and_prices_each_expert(checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """Qwen3-MoE: the probes' reference log-probs are transformers' Qwen3MoeForCausalLM's; a merged
+    expert tensor's raw loss is the sum of its experts' (each on its own routed, routing-weighted
+    rows: quantizing one expert alone costs a part of the whole), falls with the type's bits, and
+    its probe measures zero KLD unchanged, more quantized."""
+    from transformers import AutoModelForCausalLM
+
+    from ggq.plan._float_model import FloatModel
+
+    path = checkpoint("moe-4")
+    ckpt = Checkpoint(path)
+    hp = ckpt.hparams
+    tokens = np.random.default_rng(0).integers(0, hp.n_vocab, (4, 48))
+    fm = FloatModel(ckpt, "cpu", 2)
+    fm.prepare_probes(tokens[:2])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.from_numpy(tokens[:2])).logits, -1)
+    for ours, theirs in zip(fm.ref, ref, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-4)
+    stats = fm.calibrate(tokens)
+    name = "blk.3.ffn_down_exps.weight"
+    w = ckpt.load(name)  # (E, rows, n)
+    assert stats.h_of(name).shape == (hp.n_expert, w.shape[2], w.shape[2])
+    losses = {t: stats.loss(name, w - sen.quantized(w, t, None), False) for t in ("Q2_K", "Q4_K", "Q8_0")}
+    assert losses["Q2_K"] > losses["Q4_K"] > losses["Q8_0"] > 0, losses
+    e = w - sen.quantized(w, "Q4_K", None)
+    parts = []
+    for k in range(hp.n_expert):
+        only = np.zeros_like(e)
+        only[k] = e[k]
+        parts.append(stats.loss(name, only, False))
+    assert min(parts) > 0 and sum(parts) == pytest.approx(losses["Q4_K"], rel=1e-9)
+    assert fm.probe_kld(name, w) == 0.0
+    assert (
+        fm.probe_kld(name, sen.quantized(w, "Q2_K", None))
+        > fm.probe_kld(name, sen.quantized(w, "Q4_K", None))
+        > 0
+    )
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq+gptq"])
+def test_moe_budget_file_fits_and_llama_cpp_runs_it(
+    checkpoint, prose: Path, tmp_path: Path, method: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A Qwen3-MoE budget file: within the budget, its experts' merged tensors each one type (of
+    the plan), the router kept in F32, and llama.cpp runs it."""
+    src = checkpoint("moe-4")
+    ckpt = Checkpoint(src)
+    f16 = file_size(
+        file_kv(ckpt, ConvertOptions(recipe=RecipeOptions("F16")), {}),
+        make_plan(ckpt, ConvertOptions(recipe=RecipeOptions("F16"))),
+    )
+    budget = int(f16 * 0.3)
+    out = tmp_path / f"moe-{method}.gguf"
+    calib = ["--calib", str(prose), "--nsamples", "8", "--seqlen", "64", "--device", "cpu"]
+    code, log = _convert(
+        [str(src), "--method", method, "--target-size", str(budget), "-o", str(out), *calib], tmp_path
+    )
+    assert code == 0, log
+    assert (1 - bud.FILL) * budget <= out.stat().st_size <= budget
+    r = GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    experts = {n: t for n, t in types.items() if "_exps." in n}
+    assert len(experts) == 3 * ckpt.hparams.n_layer and len(set(experts.values())) >= 2, experts
+    assert all(t == "F32" for n, t in types.items() if "ffn_gate_inp" in n)
+    llama_cpp = native.import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval([1, 2, 3, 4, 5, 6, 7, 8])
+    assert np.isfinite(np.array(llm.scores[:8])).all()
+    llm.close()
 
 
 def test_gptq_methods_are_priced_by_gptqs_own_error(model: Path) -> None:

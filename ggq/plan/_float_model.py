@@ -21,6 +21,10 @@ INPUT_OF = {
     "ffn_gate": "mlp_in",
     "ffn_up": "mlp_in",
     "ffn_down": "down_in",
+    # a Qwen3-MoE layer's merged experts: (n_expert, n_in, n_in) per-expert Gram matrices
+    "ffn_gate_exps": "exp_in",
+    "ffn_up_exps": "exp_in",
+    "ffn_down_exps": "exp_down_in",
 }
 CACHE_LAYERS_BYTES = 4 << 30  # keep every layer's float32 weights for the probes below this size
 
@@ -28,7 +32,10 @@ CACHE_LAYERS_BYTES = 4 << 30  # keep every layer's float32 weights for the probe
 @dataclass
 class Stats:
     tokens: int
-    h: dict[tuple[int, str], np.ndarray]  # (layer, input) -> X^T X float64; (-1, "out"): output's
+    # (layer, input) -> X^T X float64; (-1, "out"): output's; of a MoE layer's experts (layer,
+    # "exp_in" / "exp_down_in") -> (n_expert, n_in, n_in), each expert's routed rows scaled by
+    # their routing weight (an expert's output enters the layer's output times that weight)
+    h: dict[tuple[int, str], np.ndarray]
     counts: np.ndarray  # (n_vocab,) how often each token is read from token_embd
     tied: bool
     device: str
@@ -49,7 +56,7 @@ class Stats:
             c = torch.from_numpy(self.counts.astype(np.float64)).to(self.device)
             total += float((c[:, None] * et * et).sum())
         h = self.h_of(name)
-        if h is not None:
+        if h is not None:  # (rows, n) @ (n, n), or per expert (E, rows, n) @ (E, n, n)
             ht = torch.from_numpy(h).to(self.device)
             total += float(((et @ ht) * et).sum())
         return total / self.tokens
@@ -94,6 +101,17 @@ class FloatModel:
             g = gram(x)
             h_sums[key] = h_sums[key] + g if key in h_sums else g
 
+        def add_experts(i: int, m: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            """A MoE layer's per-expert Grams of the batch's MLP input ``m``; returns its output."""
+            flat = m.reshape(-1, m.shape[-1])
+            r = qwen3.route(flat, w, hp)
+            for e in range(hp.n_expert):
+                rows, weight = r.tokens_of(e)
+                x = flat[rows] * weight[:, None]  # weighted rows: sum of weight^2 x x^T
+                add((i, f"exp_in.{e}"), x)
+                add((i, f"exp_down_in.{e}"), qwen3.expert_core(flat[rows], w, e) * weight[:, None])
+            return qwen3.moe_core(m, w, hp, r)
+
         rope = qwen3.Rope.build(hp, tokens.shape[1], self.device)
         with torch.no_grad():
             h = qwen3.embed(self.ckpt, torch.from_numpy(tokens)).to(self.device)  # (N, T, n_embd)
@@ -107,13 +125,19 @@ class FloatModel:
                     add((i, "o_in"), a)
                     hb = hb + a @ w["attn_output"].T
                     m = qwen3.mlp_input(hb, w, hp)
+                    if qwen3.ROUTER in w:
+                        h[b0 : b0 + self.batch] = hb + add_experts(i, m, w)
+                        continue
                     add((i, "mlp_in"), m)
                     d = qwen3.mlp_core(m, w)
                     add((i, "down_in"), d)
                     h[b0 : b0 + self.batch] = hb + d @ w["ffn_down"].T
             add((-1, "out"), qwen3.rms_norm(h, self.out_norm, hp.rms_eps))
         counts = np.bincount(tokens.reshape(-1), minlength=self.out_w.shape[0]).astype(np.float64)
-        h_np = {k: v.cpu().numpy() for k, v in h_sums.items()}
+        h_np = {k: v.cpu().numpy() for k, v in h_sums.items() if "." not in k[1]}
+        for i in range(hp.n_layer) if hp.n_expert else ():
+            for part in ("exp_in", "exp_down_in"):
+                h_np[i, part] = np.stack([h_sums[i, f"{part}.{e}"].cpu().numpy() for e in range(hp.n_expert)])
         return Stats(n_tok, h_np, counts, self.tied, self.device)
 
     def _layers_from(

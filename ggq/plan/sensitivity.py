@@ -113,7 +113,12 @@ def _bpw(t: str) -> float:
 
 
 def quantized(w: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
-    """``w`` (rows, n) float32 through ggml's encoder of ``type_name`` and back."""
+    """``w`` (rows, n) float32 through ggml's encoder of ``type_name`` and back; merged experts
+    (E, rows, n) expert by expert, each with its own ``importance`` row (E, n)."""
+    if w.ndim == 3:
+        return np.stack(
+            [quantized(w[e], type_name, None if importance is None else importance[e]) for e in range(len(w))]
+        )
     data = ggml.quantize(np.ascontiguousarray(w, dtype=np.float32), type_name, importance)
     return ggml.dequantize(data, type_name, w.shape[-1]).reshape(w.shape).astype(np.float32)
 
@@ -166,8 +171,6 @@ def measure(
     ``tokens`` (nsamples, seqlen)."""
     from ggq.plan import _float_model  # torch: imported only when a budget is planned
 
-    if ckpt.arch.is_moe:
-        raise SensitivityError(f"--target-size/--target-bpw: not yet for {ckpt.arch.hf_name} (MoE)")
     t0 = time.perf_counter()
     model = _float_model.FloatModel(ckpt, device, settings.batch)
     stats = model.calibrate(tokens)
@@ -207,7 +210,7 @@ def _importance(name: str, stats: Any, settings: SensitivitySettings, n_in: int)
     h = stats.h_of(name)
     if h is None:
         return None
-    return (np.diag(h) / stats.tokens).astype(np.float32)
+    return (np.diagonal(h, axis1=-2, axis2=-1) / stats.tokens).astype(np.float32)  # (n,) or (E, n)
 
 
 def _raw_losses(
@@ -246,4 +249,6 @@ def _gptq_weights(w: np.ndarray, h: np.ndarray, type_name: str, settings: Sensit
     model's ``h``: the error the GPTQ methods leave (before the error of earlier layers)."""
     from ggq.solvers.gptq import Target, gptq  # torch: only on the GPTQ methods' path
 
+    if w.ndim == 3:  # merged experts, (E, rows, n) with (E, n, n): each on its own routed rows
+        return np.stack([_gptq_weights(w[e], h[e], type_name, settings) for e in range(len(w))])
     return gptq(w, h, Target(type_name), damp=settings.damp, act_order=settings.act_order).weights
