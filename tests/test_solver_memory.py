@@ -308,22 +308,32 @@ def test_gptq_holds_one_group_of_decode_tables() -> None:
 
 
 @pytest.mark.parametrize("n", [300, 1025])
-def test_reversed_cholesky_factors_h_in_its_memory(n: int) -> None:
+@pytest.mark.parametrize("block", [128, 512])
+def test_upper_factor_factors_h_in_its_memory(n: int, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPTQ's one factorization: H + damp x mean diagonal x I = M M^T with M upper triangular,
     against numpy's float64 product of the factor as gptq reads it; a singular H (rank n / 2)
     gets its damping raised, restarting from the original H (the result is the factor of H plus
     the damping reported, not of a matrix damped twice)."""
-    from ggq.solvers.gptq import _m_rows, _reversed_cholesky
+    from ggq.solvers import gptq as g
 
+    monkeypatch.setattr(g, "FACTOR_BLOCK", block)
     for rank, damp in ((n + 50, 0.01), (n // 2, 1e-20)):
         h = gram(_x(rank, n, seed=n + rank))
         want = h.numpy().copy()
         own = h.clone()
-        rt, used = _reversed_cholesky(own, damp)
+        rt, used = g._upper_factor(own, damp)
         assert rt.data_ptr() == own.data_ptr() and used >= damp
         assert (used == damp) == (rank > n)
         want[np.diag_indices(n)] += used * float(np.diag(want).mean())
-        d = torch.diag(rt).flip(0)
-        m = _m_rows(rt, d, 0, n).double() * d  # (n, n) M, its rows from _m_rows
+        d = torch.diag(rt).clone()
+        m = g._m_rows(rt, d, 0, n).double() * d  # (n, n) M, its rows from _m_rows
         assert np.allclose(np.tril(m.numpy(), -1), 0)
         np.testing.assert_allclose((m @ m.T).numpy(), want, rtol=1e-5, atol=1e-6 * np.diag(want).max())
+        threads = torch.get_num_threads()
+        for t in (1, 3):  # the tasks' shapes are fixed: the bits do not depend on the threads
+            torch.set_num_threads(t)
+            try:
+                again, _ = g._upper_factor(h.clone(), damp)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(torch.triu(again), torch.triu(rt)), t

@@ -16,9 +16,10 @@ the original weights ("static groups") and each column is rounded on its own blo
 
 from __future__ import annotations
 
+import itertools
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from io import BufferedRandom
 
 import numpy as np
 import torch
@@ -120,33 +121,70 @@ class GPTQResult:
     damp: float  # the damping used: the requested one, or raised until H was positive definite
 
 
-def _reversed_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """H = M M^T with M (n, n) upper triangular, from one Cholesky factorization: with J the
-    reversal, J H J = L L^T gives H = (J L J)(J L J)^T. GPTQ's U (upper, U^T U = H^-1) is M^-1,
-    which the loop never needs (gptq: its feedback is a triangular solve with M). Damping raised
-    x10 until H is positive definite (_tries); returns, in ``h``'s memory (n, n) float64, the row-major matrix
-    R^T with M[i, j] = R^T[n - 1 - i, n - 1 - j] (_m_rows reads it), and the damping it took.
+def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """H = M M^T with M (n, n) upper triangular, computed in ``h``'s memory (row-major float64),
+    and the damping it took (raised x10 until H is positive definite, _tries). GPTQ's U (upper,
+    U^T U = H^-1) is M^-1, which the loop never needs: its feedback reads M (gptq). Only M's
+    upper triangle is meaningful after (_m_rows reads no more).
 
-    J H J is H's memory read backwards (row-major: element i * n + j goes to (n-1-i) * n +
-    (n-1-j)); it is symmetric, so its column-major view is what LAPACK reads. H goes to an
-    unlinked temporary file first: it is read back reversed, and again after a failed try."""
+    Blocked from the bottom-right corner, FACTOR_BLOCK columns at a time: with H = [[A, B],
+    [B^T, C]] and C = M_c M_c^T done, M's block above it is B M_c^-T and A - (B M_c^-T)(B M_c^-T)^T
+    is what is left. Each diagonal block is factorized on one thread (J C J = L L^T, M_c = J L J,
+    J the reversal); the panel solves and the updates of the upper triangle's tiles are tasks of
+    fixed shapes run on torch.get_num_threads() Python threads, each on one BLAS thread: parallel,
+    with the bits of one thread (reductions.py). H goes to an unlinked temporary file first so that
+    a failed try restarts from it."""
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
-    buf = h.numpy().reshape(-1)  # (n * n,) h's memory
-    f = h.mT  # (n, n) the same memory, column-major: what LAPACK reads
-    info = torch.zeros((), dtype=torch.int32)
+    buf = h.numpy()
     with tempfile.TemporaryFile() as spill:
         buf.tofile(spill)
         for k in range(_tries(damp)):
-            _read_reversed(spill, buf)
+            if k:  # H again, read straight into h
+                spill.seek(0)
+                spill.readinto(buf.data.cast("B"))
             tried = damp * 10**k
-            f.diagonal().add_(tried * mean_diag)  # J H J + tried * mean_diag * I without an identity
-            with one_thread():  # MKL's factorizations differ between thread counts
-                torch.linalg.cholesky_ex(f, upper=True, out=(f, info))  # f = R, R^T R = J H J
-            if int(info) == 0:
+            h.diagonal().add_(tried * mean_diag)  # H + tried * mean_diag * I without an identity
+            if _factor_in_place(h):
                 return h, tried
     raise SolverError(f"Hessian not positive definite even with damping {tried:g} x mean diagonal")
+
+
+FACTOR_BLOCK = 512  # columns per diagonal block (and rows/columns per tile) of _factor_in_place
+
+
+def _factor_in_place(h: torch.Tensor) -> bool:
+    """_upper_factor's blocked factorization of ``h`` (n, n), in place; False where a diagonal
+    block is not positive definite (``h`` is then garbage)."""
+    n = h.shape[0]
+    edges = [*range(0, n, FACTOR_BLOCK), n]
+    tiles = list(itertools.pairwise(edges))
+    workers = max(1, torch.get_num_threads())
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        for k in range(len(tiles) - 1, -1, -1):
+            a, c = tiles[k]
+            blk = h[a:c, a:c]
+            sym = torch.triu(blk) + torch.triu(blk, 1).T  # the upper triangle is the one kept up to date
+            low, info = torch.linalg.cholesky_ex(sym.flip(0, 1))  # J C J = L L^T
+            if int(info) != 0:
+                return False
+            m_c = low.flip(0, 1)  # (b, b) upper: C = M_c M_c^T
+            blk.copy_(m_c)
+            above = tiles[:k]
+
+            def panel(t: tuple[int, int], a: int = a, c: int = c, m_c: torch.Tensor = m_c) -> None:
+                rows = h[t[0] : t[1], a:c]  # B's rows -> B M_c^-T (X M_c^T = B)
+                rows.copy_(torch.linalg.solve_triangular(m_c.T, rows, upper=False, left=False))
+
+            list(pool.map(panel, above))
+
+            def update(ij: tuple[tuple[int, int], tuple[int, int]], a: int = a, c: int = c) -> None:
+                (i0, i1), (j0, j1) = ij
+                h[i0:i1, j0:j1] -= h[i0:i1, a:c] @ h[j0:j1, a:c].T
+
+            list(pool.map(update, [(ti, tj) for x, ti in enumerate(above) for tj in above[x:]]))
+    return True
 
 
 def _tries(damp: float) -> int:
@@ -157,24 +195,12 @@ def _tries(damp: float) -> int:
     return max(6, int(np.ceil(-np.log10(damp))) + 1) if damp < 1 else 6
 
 
-def _read_reversed(spill: BufferedRandom, buf: np.ndarray, chunk: int = 1 << 20) -> None:
-    """``buf`` (k,) float64 := the k values in ``spill`` in reverse order, a chunk at a time."""
-    tmp = np.empty(chunk, dtype=buf.dtype)
-    k = buf.size
-    for a in range(0, k, chunk):
-        c = min(chunk, k - a)
-        spill.seek((k - a - c) * buf.itemsize)
-        spill.readinto(tmp[:c].data.cast("B"))
-        buf[a : a + c] = tmp[:c][::-1]
-
-
-def _m_rows(rt: torch.Tensor, d: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
-    """Rows b0..b1 of M / diag(M) from columns b0 on, (b1 - b0, n - b0) float32: ``rt`` the
-    factor as _reversed_cholesky leaves it, ``d`` (n,) M's diagonal. N[i, j] = M[i, j] / M[j, j]
-    is the feedback of column i's error into column j (unit diagonal)."""
-    n = rt.shape[0]
-    m = rt[n - b1 : n - b0, : n - b0].flip(0, 1)  # (b1 - b0, n - b0) M[b0:b1, b0:], a copy
-    return (m / d[b0:]).to(torch.float32)
+def _m_rows(m: torch.Tensor, d: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    """Rows b0..b1 of M / diag(M) from columns b0 on, (b1 - b0, n - b0) float32: ``m`` the
+    factor as _upper_factor leaves it, ``d`` (n,) M's diagonal. N[i, j] = M[i, j] / M[j, j]
+    is the feedback of column i's error into column j (unit diagonal; below it zeros)."""
+    rows = torch.triu(m[b0:b1, b0:])  # (b1 - b0, n - b0) M[b0:b1, b0:], a copy
+    return (rows / d[b0:]).to(torch.float32)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -287,8 +313,8 @@ def gptq(
     The loop keeps the columns of a lazy batch as contiguous rows (``W1t``) and searches five
     codes per column.
 
-    The error feedback is GPTQ's in either form. With H = M M^T (M upper, one Cholesky
-    factorization of the reversed H) column j is rounded at w0_j + sum_{i<j} (w0_i - q_i)
+    The error feedback is GPTQ's in either form. With H = M M^T (M upper, one blocked Cholesky
+    factorization from the bottom-right corner, _upper_factor) column j is rounded at w0_j + sum_{i<j} (w0_i - q_i)
     M[i, j] / M[j, j], w0 the weights given: the textbook's w_j after its feedback through
     U = M^-1 (U^T U = H^-1), since W0 - Q = E U for its scaled errors E. ``legacy``: the
     textbook form on U from chol(H), its inverse and chol(H^-1) (three factorizations, ~4x
@@ -352,7 +378,8 @@ def _textbook_state(c: torch.Tensor, w0: np.ndarray, N: torch.Tensor, i: int) ->
     g = c.shape[0]
     w0t = torch.from_numpy(w0)
     n_gg = N[i : i + g, i : i + g]  # (g, g) unit upper: its lower triangle is not read
-    fix = torch.linalg.solve_triangular(n_gg.T, c - w0t, upper=False, unitriangular=True)  # (g, rows)
+    with one_thread():  # MKL's multi-threaded triangular solve: bits vary with its partition (CI)
+        fix = torch.linalg.solve_triangular(n_gg.T, c - w0t, upper=False, unitriangular=True)  # (g, rows)
     return (w0t + fix).numpy().T
 
 
@@ -370,11 +397,11 @@ def _loop(
     """GPTQ's columns on the factor M of H = M M^T: ``W`` (rows, cols) in processing order is
     updated in place to the quantized weights; returns the damping used."""
     cols, group = W.shape[1], grids.target.group
-    rt, damp = _reversed_cholesky(H, damp)  # in H's memory
-    d = torch.diag(rt).flip(0)  # (cols,) M's diagonal
+    m, damp = _upper_factor(H, damp)  # in H's memory
+    d = torch.diag(m).clone()  # (cols,) M's diagonal
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        N = _m_rows(rt, d, b0, b1)  # (nb, cols - b0) float32 feedback rows
+        N = _m_rows(m, d, b0, b1)  # (nb, cols - b0) float32 feedback rows
         W1t = W[:, b0:b1].T.contiguous()  # (nb, rows): a column is a contiguous row
         W1t_np = W1t.numpy()
         W0t = np.ascontiguousarray(w0[:, order[b0:b1]].T)  # (nb, rows) the given weights
@@ -386,8 +413,10 @@ def _loop(
                 _start_group(grids, _textbook_state(W1t[i : i + group], W0t[i : i + group], N, i), col)
             Q1t[i] = _column(grids, W1t_np[i], col, codes_t)
             np.subtract(W0t[i], Q1t[i], out=D1t[i])
-            W1t[i + 1 :].addr_(N[i, i + 1 : b1 - b0], torch.from_numpy(D1t[i]))
-        W[:, b1:].addmm_(torch.from_numpy(D1t).T, N[:, b1 - b0 :])
+            W1t[i + 1 :].add_(
+                N[i, i + 1 : b1 - b0, None] * torch.from_numpy(D1t[i])
+            )  # not addr_: fixed roundings
+        W[:, b1:] += torch.from_numpy(D1t).T.contiguous() @ N[:, b1 - b0 :]  # the product, then one add
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
     return damp
 
