@@ -303,7 +303,7 @@ def gptq(
     block: int = 256,
     act_order: bool = False,
     overwrite: bool = False,
-    legacy: bool = False,
+    legacy: bool = True,
 ) -> GPTQResult:
     """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
 
