@@ -205,16 +205,28 @@ def _convert(args: list[str], cache: Path) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
+def _f16_file_size(ckpt: Checkpoint) -> int:
+    """The size of ``ckpt``'s F16 file as the writer would write it."""
+    f16 = ConvertOptions(recipe=RecipeOptions("F16"))
+    return file_size(file_kv(ckpt, f16, {}), make_plan(ckpt, f16))
+
+
+def _assert_llama_cpp_runs(path: Path) -> None:
+    """llama.cpp loads ``path`` and gives finite logits for 8 tokens."""
+    llama_cpp = native.import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval([1, 2, 3, 4, 5, 6, 7, 8])
+    assert np.isfinite(np.array(llm.scores[:8])).all()
+    llm.close()
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq+gptq"])
 def test_budget_file_fits_records_its_plan_and_llama_cpp_runs_it(
     model: Path, tied: Path, prose: Path, tmp_path: Path, method: str
 ) -> None:
     src = tied if method == "awq" else model
     ckpt = Checkpoint(src)
-    f16 = file_size(
-        file_kv(ckpt, ConvertOptions(recipe=RecipeOptions("F16")), {}),
-        make_plan(ckpt, ConvertOptions(recipe=RecipeOptions("F16"))),
-    )
+    f16 = _f16_file_size(ckpt)
     budget = int(f16 * 0.3)
     out = tmp_path / f"{method}.gguf"
     calib = ["--calib", str(prose), "--nsamples", "8", "--seqlen", "64", "--device", "cpu"]
@@ -230,11 +242,7 @@ def test_budget_file_fits_records_its_plan_and_llama_cpp_runs_it(
     assert kv["ggq.plan.predicted_kld"] > 0
     types = {t.tensor_type.name for t in r.tensors if len(t.shape) == 2}
     assert len(types) >= 2, types
-    llama_cpp = native.import_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    llm.eval([1, 2, 3, 4, 5, 6, 7, 8])
-    assert np.isfinite(np.array(llm.scores[:8])).all()
-    llm.close()
+    _assert_llama_cpp_runs(out)
     # a second plan for another budget reads the cached measurement
     code, log = _convert(
         [str(src), "--method", method, "--target-size", str(budget * 2), "--dry-run", *calib], tmp_path
@@ -318,10 +326,7 @@ def test_moe_budget_file_fits_and_llama_cpp_runs_it(
     the plan), the router kept in F32, and llama.cpp runs it."""
     src = checkpoint("moe-4")
     ckpt = Checkpoint(src)
-    f16 = file_size(
-        file_kv(ckpt, ConvertOptions(recipe=RecipeOptions("F16")), {}),
-        make_plan(ckpt, ConvertOptions(recipe=RecipeOptions("F16"))),
-    )
+    f16 = _f16_file_size(ckpt)
     budget = int(f16 * 0.3)
     out = tmp_path / f"moe-{method}.gguf"
     calib = ["--calib", str(prose), "--nsamples", "8", "--seqlen", "64", "--device", "cpu"]
@@ -335,11 +340,7 @@ def test_moe_budget_file_fits_and_llama_cpp_runs_it(
     experts = {n: t for n, t in types.items() if "_exps." in n}
     assert len(experts) == 3 * ckpt.hparams.n_layer and len(set(experts.values())) >= 2, experts
     assert all(t == "F32" for n, t in types.items() if "ffn_gate_inp" in n)
-    llama_cpp = native.import_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    llm.eval([1, 2, 3, 4, 5, 6, 7, 8])
-    assert np.isfinite(np.array(llm.scores[:8])).all()
-    llm.close()
+    _assert_llama_cpp_runs(out)
 
 
 def test_gptq_methods_are_priced_by_gptqs_own_error(model: Path) -> None:

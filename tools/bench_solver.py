@@ -21,10 +21,11 @@ files hold the same tensors byte for byte (exit 1 if not):
 
     .venv/bin/python tools/bench_solver.py --shape 8B --layers 1 --methods gptq --vs-llama-cpp
 
-``--legacy`` runs each method twice, one after the other in the same run, on the same checkpoint
-and threads: first with ``SolverOptions.legacy_gptq`` (the GPTQ statistics and factorization as
-before issue 13's part 3), then as it is now, and prints how many times faster per layer the
-new code is.
+Without ``--legacy`` each method runs with the solver's defaults. ``--legacy`` runs each method
+twice instead, one after the other in the same run, on the same checkpoint and threads: first
+with ``SolverOptions.legacy_gptq=True`` (the GPTQ statistics and three factorizations as before
+issue 13's part 3, still the default), then with ``legacy_gptq=False`` (one factorization,
+float32 chunk products), and prints how many times faster per layer the second is.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,10 @@ def vm_hwm_mib() -> float:
 
 
 def child(
-    ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: int, device: str, legacy: bool
+    ckpt_path: Path, method: str, type_name: str, nsamples: int, seqlen: int, device: str, gptq_path: str
 ) -> None:
-    """Run one method's solver over every layer, one JSON line per layer on stdout."""
+    """Run one method's solver over every layer, one JSON line per layer on stdout; ``gptq_path``:
+    "default" (SolverOptions' own), "legacy" or "new" (legacy_gptq True / False)."""
     import numpy as np
 
     from ggq.checkpoint import Checkpoint
@@ -101,7 +103,9 @@ def child(
     ckpt = Checkpoint(ckpt_path)
     types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions(type_name)))}
     tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (nsamples, seqlen))
-    opts = SolverOptions(method=method, device=resolve_device(device), legacy_gptq=legacy)
+    opts = SolverOptions(method=method, device=resolve_device(device))
+    if gptq_path != "default":
+        opts = replace(opts, legacy_gptq=gptq_path == "legacy")
 
     def report(rep: LayerReport) -> None:
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}
@@ -112,11 +116,11 @@ def child(
 
 
 def run_method(
-    ckpt: Path, method: str, args: argparse.Namespace, legacy: bool = False
+    ckpt: Path, method: str, args: argparse.Namespace, gptq_path: str = "default"
 ) -> list[dict[str, Any]]:
     cmd = [*PYTHON, __file__, "--child", str(ckpt), "--methods", method, "--type", args.type]
     cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
-    cmd += ["--legacy"] if legacy else []
+    cmd += ["--gptq-path", gptq_path]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -181,12 +185,15 @@ def main() -> int:
     parser.add_argument(
         "--legacy",
         action="store_true",
-        help="also run each method with the GPTQ code before issue 13 part 3, first, and compare",
+        help="run each method with the GPTQ code before issue 13 part 3 (the default), then with one factorization, and compare",
     )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--gptq-path", choices=("default", "legacy", "new"), default="default", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.methods, args.type, args.nsamples, args.seqlen, args.device, args.legacy)
+        child(args.child, args.methods, args.type, args.nsamples, args.seqlen, args.device, args.gptq_path)
         return 0
 
     shape = SHAPES[args.shape]
@@ -204,12 +211,15 @@ def main() -> int:
         )
         results = []
         for m in (m for m in args.methods.split(",") if m):
-            if args.legacy:
-                results.append(table(f"{m} (legacy)", run_method(ckpt, m, args, legacy=True), shape))
-            results.append(table(m, run_method(ckpt, m, args), shape))
-            if args.legacy:
-                old, new = results[-2]["seconds_per_layer"], results[-1]["seconds_per_layer"]
-                print(f"{m}: {old:.1f} s/layer legacy, {new:.1f} s/layer now: {old / new:.2f}x faster")
+            if not args.legacy:
+                results.append(table(m, run_method(ckpt, m, args), shape))
+                continue
+            results.append(table(f"{m} (legacy)", run_method(ckpt, m, args, "legacy"), shape))
+            results.append(table(f"{m} (one factorization)", run_method(ckpt, m, args, "new"), shape))
+            old, new = results[-2]["seconds_per_layer"], results[-1]["seconds_per_layer"]
+            print(
+                f"{m}: {old:.1f} s/layer legacy, {new:.1f} s/layer one factorization: {old / new:.2f}x faster"
+            )
         rtn = rtn_vs_llama_cpp(ckpt, Path(tmp), args.type, args.threads, size) if args.vs_llama_cpp else None
     if args.json:
         doc = {"args": vars(args) | {"checkpoint": str(ckpt)}, "runs": results, "rtn_vs_llama_cpp": rtn}
