@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ggq.checkpoint import Checkpoint, HParams
+from ggq.solvers.reductions import mm
 
 # GGUF names of one layer's weights, as the layer dict keys (blk.{i}. stripped)
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -76,9 +77,9 @@ def attention_input(h: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams) ->
 def attention_core(x: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams, rope: Rope) -> torch.Tensor:
     """q/k/v projections, QK-norm, RoPE, causal GQA attention; returns the input of o_proj (B, T, n_head*hd)."""
     B, T, _ = x.shape
-    q = (x @ w["attn_q"].T).view(B, T, hp.n_head, hp.head_dim)  # (B, T, nh, hd)
-    k = (x @ w["attn_k"].T).view(B, T, hp.n_head_kv, hp.head_dim)  # (B, T, nkv, hd)
-    v = (x @ w["attn_v"].T).view(B, T, hp.n_head_kv, hp.head_dim)
+    q = mm(x, w["attn_q"].T).view(B, T, hp.n_head, hp.head_dim)  # (B, T, nh, hd)
+    k = mm(x, w["attn_k"].T).view(B, T, hp.n_head_kv, hp.head_dim)  # (B, T, nkv, hd)
+    v = mm(x, w["attn_v"].T).view(B, T, hp.n_head_kv, hp.head_dim)
     q = rms_norm(q, w["attn_q_norm"], hp.rms_eps).transpose(1, 2)  # (B, nh, T, hd)
     k = rms_norm(k, w["attn_k_norm"], hp.rms_eps).transpose(1, 2)  # (B, nkv, T, hd)
     v = v.transpose(1, 2)
@@ -96,8 +97,8 @@ def mlp_input(h: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams) -> torch
 
 def mlp_core(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """SwiGLU up to the input of down_proj: (B, T, n_ff)."""
-    gate = torch.nn.functional.silu(x @ w["ffn_gate"].T, inplace=True)  # in place: one n_ff-wide copy less
-    return gate.mul_(x @ w["ffn_up"].T)
+    gate = torch.nn.functional.silu(mm(x, w["ffn_gate"].T), inplace=True)  # in place: one n_ff-wide copy less
+    return gate.mul_(mm(x, w["ffn_up"].T))
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ def route(x: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams) -> Routing:
 
 def expert_core(x: torch.Tensor, w: dict[str, torch.Tensor], e: int) -> torch.Tensor:
     """Expert ``e``'s SwiGLU up to the input of its down projection: (N, n_embd) -> (N, n_ff_exp)."""
-    gate = torch.nn.functional.silu(x @ w["ffn_gate_exps"][e].T, inplace=True)
-    return gate.mul_(x @ w["ffn_up_exps"][e].T)
+    gate = torch.nn.functional.silu(mm(x, w["ffn_gate_exps"][e].T), inplace=True)
+    return gate.mul_(mm(x, w["ffn_up_exps"][e].T))
 
 
 def moe_core(
@@ -141,17 +142,17 @@ def moe_core(
     for e in range(hp.n_expert):
         rows, weight = r.tokens_of(e)
         if rows.numel():
-            y = expert_core(flat[rows], w, e) @ w["ffn_down_exps"][e].T  # (n_e, n_embd)
+            y = mm(expert_core(flat[rows], w, e), w["ffn_down_exps"][e].T)  # (n_e, n_embd)
             out.index_add_(0, rows, y * weight[:, None])
     return out.reshape(x.shape)
 
 
 def layer_forward(h: torch.Tensor, w: dict[str, torch.Tensor], hp: HParams, rope: Rope) -> torch.Tensor:
     """One decoder layer: (B, T, n_embd) -> (B, T, n_embd)."""
-    h = h + attention_core(attention_input(h, w, hp), w, hp, rope) @ w["attn_output"].T
+    h = h + mm(attention_core(attention_input(h, w, hp), w, hp, rope), w["attn_output"].T)
     if ROUTER in w:
         return h + moe_core(mlp_input(h, w, hp), w, hp)
-    return h + mlp_core(mlp_input(h, w, hp), w) @ w["ffn_down"].T
+    return h + mm(mlp_core(mlp_input(h, w, hp), w), w["ffn_down"].T)
 
 
 def embed(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,17 @@ from ggq.gguf import read_gguf
 from ggq.plan import recipe as rc
 from ggq.solvers import awq
 from ggq.solvers.layerwise import InputStats, LayerReport, SolverOptions, solve_layer
-from ggq.solvers.reductions import GRAM_COLS, GRAM_ROWS, gram, one_thread, total
+from ggq.solvers.reductions import (
+    GRAM_COLS,
+    GRAM_ROWS,
+    MM_COLS,
+    fixed_order,
+    gram,
+    mm,
+    one_thread,
+    threads,
+    total,
+)
 
 WIDE = replace(testing.WIDE, num_hidden_layers=1, tie_word_embeddings=False, seed=11)
 # the last case runs MKL with its AVX2 kernels, as on a CPU without AVX-512: there, without
@@ -102,6 +112,13 @@ def _differences(a: Path, b: Path) -> list[str]:
     return keys + tensors
 
 
+def _cpu() -> str:
+    """The CPU's model name, for the failure message (the CI's machines vary)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
+
+
 @pytest.mark.parametrize(("method", "qtype", "isa"), CASES)
 def test_convert_bytes_do_not_depend_on_threads(
     wide: Path, tmp_path: Path, method: str, qtype: str, isa: str | None
@@ -114,7 +131,7 @@ def test_convert_bytes_do_not_depend_on_threads(
     _convert(wide, many_path, method, qtype, many, encoders=0, isa=isa)
     one, other = one_path.read_bytes(), many_path.read_bytes()
     if one != other:  # not a plain assert: pytest's diff of two multi-MB bytes objects takes minutes
-        pytest.fail(f"1 vs {many} threads: {_differences(one_path, many_path)}")
+        pytest.fail(f"1 vs {many} threads on {_cpu()}: {_differences(one_path, many_path)}")
     meta = read_gguf(one_path).metadata
     assert meta["ggq.method"] == method and meta["ggq.calibration.seed"] == 3
     assert not [k for k in meta if any(w in k for w in ("thread", "device", "time", "host", "path"))]
@@ -211,3 +228,56 @@ def test_gram_and_total_are_the_plain_sums() -> None:
     np.testing.assert_allclose(gram(torch.from_numpy(x), torch.float32).numpy(), ref, rtol=1e-5, atol=1e-2)
     assert gram(torch.from_numpy(x[:0])).shape == (x.shape[1], x.shape[1])
     assert total(torch.from_numpy(x)) == pytest.approx(math.fsum(x.astype(np.float64).ravel()), rel=1e-12)
+
+
+def test_mm_under_fixed_order_is_one_thread_per_tile() -> None:
+    """Under fixed_order() torch runs on one thread and mm() is, bit for bit, the one-thread
+    products of its MM_COLS-wide output tiles, whatever the caller's thread count (1, 2, 4);
+    outside it mm() is the plain product. A width that is not whole tiles and a 3-d input."""
+    rng = np.random.default_rng(10)
+    a = torch.from_numpy(rng.standard_normal((3, 700, 384)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((2 * MM_COLS + 77, 384)).astype(np.float32)).T  # (k, n) view
+    n = b.shape[1]
+    with _threads(1):
+        tiles = [a.reshape(-1, 384) @ b[:, j : j + MM_COLS] for j in range(0, n, MM_COLS)]
+    ref = torch.cat(tiles, dim=1).view(3, 700, n)
+    before = torch.get_num_threads()
+    for count in (1, 2, 4):
+        with _threads(count), fixed_order():
+            assert torch.get_num_threads() == 1 and threads() == count
+            with fixed_order():  # nested: the outer caller's count stays
+                assert threads() == count
+            got = mm(a, b)
+        assert torch.equal(got, ref), f"mm at {count} threads is not the one-thread tiles"
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(mm(a, b).numpy(), (a @ b).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_solve_layer_runs_torch_on_one_thread(wide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every GPTQ and AWQ decision of a layer is taken with torch on one thread (the products'
+    parallelism is mm()'s fixed tiles): the thread count torch reports inside the layer's
+    forwards and searches, sampled where they call into qwen3, is 1 at a caller's count of 2."""
+    ckpt = Checkpoint(wide)
+    hp = ckpt.hparams
+    seen: list[int] = []
+    real = qwen3.attention_core
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qwen3, "attention_core", spy)
+    types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions("Q4_K_M")))}
+    h = torch.from_numpy(np.random.default_rng(12).standard_normal((2, 64, hp.n_embd)).astype(np.float32))
+    with _threads(2), torch.no_grad():
+        solve_layer(
+            h,
+            qwen3.load_layer(ckpt, 0),
+            hp,
+            qwen3.Rope.build(hp, 64),
+            types,
+            SolverOptions(method="awq+gptq"),
+            LayerReport(0),
+        )
+        assert torch.get_num_threads() == 2
+    assert seen and set(seen) == {1}

@@ -22,7 +22,7 @@ import torch
 
 from ggq import ggml
 from ggq.solvers.options import timed
-from ggq.solvers.reductions import gram, one_thread, total
+from ggq.solvers.reductions import gram, mm, one_thread, total
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def output_error(
     quantizer's importance the mean square of the scaled input X / cols."""
     loss = 0.0
     for e in _weight_errors(weights, mean_sq, cols, h.device):
-        loss += total((e @ h) * e)
+        loss += total(mm(e, h) * e)
     return loss
 
 
@@ -116,7 +116,7 @@ def column_errors(
     in another order, so the last bits may differ)."""
     per_col = np.zeros(len(cols), np.float64)
     for e in _weight_errors(weights, mean_sq, cols, h.device):
-        per_col += ((e @ h) * e).sum(0, dtype=torch.float64).cpu().numpy()  # one thread per column
+        per_col += (mm(e, h) * e).sum(0, dtype=torch.float64).cpu().numpy()  # one thread per column
     return per_col
 
 
@@ -229,7 +229,7 @@ def clipped_choice(
             ws = w * cols[None, :]
             e = ws - quantized_weights(clip_search(ws, t, importance, hs, grid), t, importance)
             et = torch.from_numpy(e).to(h.device)
-            loss += total((et @ hs) * et)
+            loss += total(mm(et, hs) * et)
         if best is None or loss < best.loss:
             best = ScaleResult(c.scales, c.exponents, loss, c.loss_plain)
     assert best is not None
@@ -350,6 +350,6 @@ def clip_search(
 
     def loss(v: np.ndarray) -> float:
         e = torch.from_numpy(w - quantized_weights(v, type_name, importance)).to(h.device)
-        return total((e @ h) * e)
+        return total(mm(e, h) * e)
 
     return clipped if loss(clipped) < loss(w) else w

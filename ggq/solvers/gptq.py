@@ -26,7 +26,7 @@ import torch
 
 from ggq import ggml
 from ggq.solvers.options import SolverError, supported_types, timed
-from ggq.solvers.reductions import one_thread
+from ggq.solvers.reductions import mm, one_thread, threads
 
 F32 = np.float32
 
@@ -131,7 +131,7 @@ def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     [B^T, C]] and C = M_c M_c^T done, M's block above it is B M_c^-T and A - (B M_c^-T)(B M_c^-T)^T
     is what is left. Each diagonal block is factorized on one thread (J C J = L L^T, M_c = J L J,
     J the reversal); the panel solves and the updates of the upper triangle's tiles are tasks of
-    fixed shapes run on torch.get_num_threads() Python threads, each on one BLAS thread: parallel,
+    fixed shapes run on threads() Python threads, each on one BLAS thread: parallel,
     with the bits of one thread (reductions.py). H goes to an unlinked temporary file first so that
     a failed try restarts from it."""
     if not (damp > 0 and np.isfinite(damp)):
@@ -160,7 +160,7 @@ def _factor_in_place(h: torch.Tensor) -> bool:
     n = h.shape[0]
     edges = [*range(0, n, FACTOR_BLOCK), n]
     tiles = list(itertools.pairwise(edges))
-    workers = max(1, torch.get_num_threads())
+    workers = max(1, threads())
     with one_thread(), ThreadPoolExecutor(workers) as pool:
         for k in range(len(tiles) - 1, -1, -1):
             a, c = tiles[k]
@@ -416,7 +416,7 @@ def _loop(
             W1t[i + 1 :].add_(
                 N[i, i + 1 : b1 - b0, None] * torch.from_numpy(D1t[i])
             )  # not addr_: fixed roundings
-        W[:, b1:] += torch.from_numpy(D1t).T.contiguous() @ N[:, b1 - b0 :]  # the product, then one add
+        W[:, b1:] += mm(torch.from_numpy(D1t).T.contiguous(), N[:, b1 - b0 :])  # the product, then one add
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
     return damp
 
@@ -455,6 +455,6 @@ def _loop_legacy(
             err = (x - q) / diag[i]
             Err1t[i] = err
             W1t[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * torch.from_numpy(err))  # not -=: no copy back
-        W[:, b1:] -= torch.from_numpy(Err1t).T.contiguous() @ Hinv[b0:b1, b1:]
+        W[:, b1:] -= mm(torch.from_numpy(Err1t).T.contiguous(), Hinv[b0:b1, b1:])
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
     return damp

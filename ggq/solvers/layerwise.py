@@ -61,7 +61,7 @@ from ggq.solvers.options import (
     solver_devices,
     timed,
 )
-from ggq.solvers.reductions import GRAM_ROWS, gram, mirror_upper, total
+from ggq.solvers.reductions import GRAM_ROWS, fixed_order, gram, mirror_upper, mm, total
 
 # Rows per partial sum of the per-column sums (mean |x|, mean x^2). torch's ``mean(0)`` on the
 # CPU adds the rows in a cascade whose third level is 4096-row partials added in order (up to
@@ -221,11 +221,11 @@ class StatsStream:
 def _rel_errors(w: np.ndarray, qs: list[np.ndarray], xs: torch.Tensor) -> list[float]:
     """Per q in ``qs``, ||Xs (W - Q)^T|| / ||Xs W^T|| on the token sample ``xs`` (k, n_in)."""
     wt = torch.from_numpy(w).to(xs.device)
-    ref = xs @ wt.T  # (k, rows)
+    ref = mm(xs, wt.T)  # (k, rows)
     den = total(ref * ref)
     out = []
     for q in qs:
-        e = xs @ (wt - torch.from_numpy(q).to(xs.device)).T
+        e = mm(xs, (wt - torch.from_numpy(q).to(xs.device)).T)
         out.append(math.sqrt(total(e * e) / den) if den > 0 else 0.0)
     return out
 
@@ -566,7 +566,21 @@ def solve_layer(
     rep: LayerReport,
 ) -> tuple[torch.Tensor | Residual, LayerResult]:
     """One layer, true-sequential, ``h`` (B, T, n_embd) on ``opts.device`` and ``w`` on the CPU:
-    returns the quantized layer's output (``h`` itself, updated in place) and its result."""
+    returns the quantized layer's output (``h`` itself, updated in place) and its result.
+    Under fixed_order(): on the CPU every bit is one thread's, whatever the thread count."""
+    with fixed_order():
+        return _solve_layer(h, w, hp, rope, types, opts, rep)
+
+
+def _solve_layer(
+    h: torch.Tensor | Residual,
+    w: dict[str, torch.Tensor],
+    hp: HParams,
+    rope: qwen3.Rope,
+    types: dict[str, str],
+    opts: SolverOptions,
+    rep: LayerReport,
+) -> tuple[torch.Tensor | Residual, LayerResult]:
     L = _Layer(w, {n: types[f"blk.{rep.layer}.{n}.weight"] for n in w}, hp, opts, rep)
     d = L.dev  # the forward reads the device copy, kept current by L
     R = h if isinstance(h, Residual) else Residual.of(h)
@@ -603,10 +617,10 @@ def solve_layer(
         return qwen3.mlp_core(mlp_in(b), d)
 
     def attn_block(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return qwen3.attention_core(x, w, hp, rope) @ w["attn_output"].T
+        return mm(qwen3.attention_core(x, w, hp, rope), w["attn_output"].T)
 
     def mlp_block(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return qwen3.mlp_core(x, w) @ w["ffn_down"].T
+        return mm(qwen3.mlp_core(x, w), w["ffn_down"].T)
 
     L.scale("attn_norm", lambda: batches(attn_in), tokens, attn_block)
     st = L.stats(batches(attn_in), tokens, refit=True)  # with the folded norm, as llama.cpp computes it
@@ -615,7 +629,7 @@ def solve_layer(
     L.quantize(("attn_v",), st)
     L.refit("attn_norm", ("attn_q", "attn_k", "attn_v"), st)
     L.quantize(("attn_output",), L.stats(batches(o_in), tokens), last_use=True)
-    residual(lambda b: o_in(b) @ d["attn_output"].T)
+    residual(lambda b: mm(o_in(b), d["attn_output"].T))
     if qwen3.ROUTER in w:  # Qwen3-MoE: the experts, each on the tokens the router sends it
         solve_experts(L, lambda: batches(mlp_in), tokens)
         residual(lambda b: qwen3.moe_core(mlp_in(b), d, hp))
@@ -630,7 +644,7 @@ def solve_layer(
     L.refit("ffn_norm", ("ffn_gate", "ffn_up"), st)
     del st
     L.quantize(("ffn_down",), L.stats(batches(down_in), tokens), last_use=True)
-    residual(lambda b: down_in(b) @ d["ffn_down"].T)  # the quantized layer's output feeds the next layer
+    residual(lambda b: mm(down_in(b), d["ffn_down"].T))  # the quantized layer's output feeds the next layer
     if not finite[0]:
         raise SolverError(f"layer {rep.layer}: NaN/Inf in the calibration activations")
     if opts.kind.scales_activations:

@@ -13,6 +13,15 @@ Here the long sums are taken in an order fixed by the data alone: :func:`gram` a
 products of fixed chunks of rows in chunk order, each product on one BLAS thread (threads work
 on different output columns), :func:`total` sums with numpy, and
 :func:`one_thread` pins torch (and MKL) to one thread around a factorization.
+
+Short products were thread-independent on the machines measured, and MKL's strict
+reproducibility mode (ggq/__init__.py) is meant to keep them so, yet the fresh-clone CI found a
+GPTQ file that differed between 1 and 2 threads from attn_output on (the first linear whose
+input went through the layer's forward), on a machine whose CPU we do not know and in a failure
+that no local run reproduced. So the solver no longer relies on MKL for this: a layer is solved
+under :func:`fixed_order`, where torch runs on one thread and the products that carry the work
+(:func:`mm`) are cut into fixed output tiles, each one single-threaded BLAS call, spread over
+the caller's threads. Every bit then comes from one-thread kernels on shapes fixed by the data.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import torch
 
 GRAM_ROWS = 1024  # rows per partial product of gram(): with GRAM_COLS, the order of its sums
 GRAM_COLS = 128  # output columns per task of gram()
+MM_COLS = 256  # output columns per task of mm() under fixed_order()
+
+_FIXED: list[int] = []  # while fixed_order() is active: the thread counts its callers had
 
 
 @contextmanager
@@ -37,6 +49,50 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def threads() -> int:
+    """Threads for fixed-shape tasks: the caller's count under :func:`fixed_order`, else torch's."""
+    return _FIXED[-1] if _FIXED else torch.get_num_threads()
+
+
+@contextmanager
+def fixed_order() -> Iterator[None]:
+    """torch on one thread (OpenMP and MKL), its former thread count kept for the fixed-shape tasks
+    of :func:`gram`, :func:`mm` and GPTQ's factorization (:func:`threads`); nests."""
+    n = threads()
+    with one_thread():
+        _FIXED.append(n)
+        try:
+            yield
+        finally:
+            _FIXED.pop()
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` (..., k) @ ``b`` (k, n). Under :func:`fixed_order` on the CPU (and without autograd)
+    the output's columns are cut into MM_COLS-wide tiles, each one product on one BLAS thread,
+    run on :func:`threads` Python threads (the products release the GIL): the bits are those of
+    one thread on tiles the shapes alone fix, whatever the thread count. Otherwise ``a @ b``."""
+    n = b.shape[-1]
+    plain = not _FIXED or a.device.type != "cpu" or b.dim() != 2 or n <= MM_COLS
+    if plain or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return a @ b
+    flat = a.reshape(-1, a.shape[-1])  # (rows, k)
+    out = torch.empty(flat.shape[0], n, dtype=torch.promote_types(a.dtype, b.dtype))
+    tiles = [(j, min(j + MM_COLS, n)) for j in range(0, n, MM_COLS)]
+
+    def tile(t: tuple[int, int]) -> None:
+        out[:, t[0] : t[1]] = flat @ b[:, t[0] : t[1]]
+
+    workers = max(1, min(_FIXED[-1], len(tiles)))
+    if workers == 1:
+        for t in tiles:
+            tile(t)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(tile, tiles))
+    return out.view(*a.shape[:-1], n)
 
 
 def gram(
@@ -53,7 +109,7 @@ def gram(
 
     The rows are taken GRAM_ROWS at a time, each chunk's product computed in ``dtype`` and the
     products added in float64 in chunk order. On the CPU the output is cut into column blocks of
-    GRAM_COLS, one task each, run on ``torch.get_num_threads()`` Python threads (the products
+    GRAM_COLS, one task each, run on :func:`threads` Python threads (the products
     release the GIL) with every product on one BLAS thread: the parallelism stays, the bits are
     those of one thread. On another device the chunks run one after the other on its stream.
     """
@@ -62,7 +118,7 @@ def gram(
     acc = into if into is not None else torch.zeros(n, n, dtype=torch.float64, device=flat.device)
     cpu = flat.device.type == "cpu"
     blocks = [(j, min(j + GRAM_COLS, n)) for j in range(0, n, GRAM_COLS)] if cpu else [(0, n)]
-    workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    workers = max(1, min(threads(), len(blocks)))
     with one_thread() if cpu else nullcontext(), ThreadPoolExecutor(workers) as pool:
         for start in range(0, rows, GRAM_ROWS):
             c = flat[start : start + GRAM_ROWS].to(dtype)  # (chunk, n): converted once, read by every task
