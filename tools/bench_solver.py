@@ -24,8 +24,8 @@ files hold the same tensors byte for byte (exit 1 if not):
 Without ``--legacy`` each method runs with the solver's defaults. ``--legacy`` runs each method
 twice instead, one after the other in the same run, on the same checkpoint and threads: first
 with ``SolverOptions.legacy_gptq=True`` (the GPTQ statistics and three factorizations as before
-issue 13's part 3, still the default), then with ``legacy_gptq=False`` (one factorization,
-float32 chunk products), and prints how many times faster per layer the second is.
+issue 13's part 3), then with ``legacy_gptq=False`` (one factorization, float32 chunk
+products: the default), and prints how many times faster per layer the second is.
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def gptq(
     block: int = 256,
     act_order: bool = False,
     overwrite: bool = False,
-    legacy: bool = True,
+    legacy: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
 
@@ -316,9 +316,9 @@ def gptq(
     The error feedback is GPTQ's in either form. With H = M M^T (M upper, one blocked Cholesky
     factorization from the bottom-right corner, _upper_factor) column j is rounded at w0_j + sum_{i<j} (w0_i - q_i)
     M[i, j] / M[j, j], w0 the weights given: the textbook's w_j after its feedback through
-    U = M^-1 (U^T U = H^-1), since W0 - Q = E U for its scaled errors E. ``legacy`` (the
-    default, SolverOptions.legacy_gptq): the textbook form on U from chol(H), its inverse and
-    chol(H^-1) (three factorizations, ~4x the flops; issue 13's code before its part 3).
+    U = M^-1 (U^T U = H^-1), since W0 - Q = E U for its scaled errors E. ``legacy``
+    (SolverOptions.legacy_gptq): the textbook form on U from chol(H), its inverse and chol(H^-1)
+    (three factorizations, ~4x the flops; issue 13's code before its part 3).
     """
     rows, cols = w.shape
     group = target.group

@@ -71,13 +71,13 @@ class SolverOptions:
     # fewest whose X^T X can have full rank) falls back to a Hessian over all of the layer's tokens
     expert_min_tokens: int = 0
     expert_weighting: str = "plain"  # "weighted": an expert's X^T X weights each token by its routing weight
-    # True (the default): GPTQ as before issue 13's part 3, X^T X from float64 products of the whole
-    # matrix and GPTQ's feedback from the Cholesky factor of H^-1 (chol(H), its inverse,
-    # chol(H^-1)). False: float32 chunk products of the upper triangle added in float64, and one
-    # blocked factorization H = M M^T (gptq.gptq); not the default until a fresh-clone CI shows
-    # its bytes do not depend on the thread count (stop 24); tools/bench_solver.py --legacy
-    # compares the two
-    legacy_gptq: bool = True
+    # False (the default): X^T X from float32 chunk products of the upper triangle added in
+    # float64, and one blocked factorization H = M M^T (gptq.gptq). True: GPTQ as before issue
+    # 13's part 3, X^T X from float64 products of the whole matrix and GPTQ's feedback from the
+    # Cholesky factor of H^-1 (chol(H), its inverse, chol(H^-1)); tools/bench_solver.py --legacy
+    # compares the two. (The thread-dependent bytes a fresh-clone CI found, which kept this True
+    # for a while, came with either path: every layer now runs under fixed_order().)
+    legacy_gptq: bool = False
 
     @property
     def kind(self) -> Method:
