@@ -122,8 +122,8 @@ class GPTQResult:
 
 
 def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """H = M M^T with M (n, n) upper triangular, computed in ``h``'s memory (row-major float64),
-    and the damping it took (raised x10 until H is positive definite, _tries). GPTQ's U (upper,
+    """H = M M^T with M (n, n) upper triangular, computed in ``h``'s memory (row-major float64:
+    converted in place to float32, whose view is returned), and the damping it took (raised x10 until H is positive definite, _tries). GPTQ's U (upper,
     U^T U = H^-1) is M^-1, which the loop never needs: its feedback reads M (gptq). Only M's
     upper triangle is meaningful after (_m_rows reads no more).
 
@@ -133,10 +133,17 @@ def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     J the reversal); the panel solves and the updates of the upper triangle's tiles are tasks of
     fixed shapes run on threads() Python threads, each on one BLAS thread: parallel,
     with the bits of one thread (reductions.py). H goes to an unlinked temporary file first so that
-    a failed try restarts from it."""
+    a failed try restarts from it.
+
+    In float32, as GPTQ's reference code factorizes: the feedback the loop reads is float32
+    anyway (_m_rows), and float32 halves the memory and more than triples the speed (Qwen3-8B's
+    ffn_down, n = 12288, on 2 cores: 17.3 s in float64, 4.8 s in float32, measured); the damping
+    keeps H far from float32's singular range (singular ones: _tries)."""
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
+    if h.dtype == torch.float64:  # factorized in float32 (below), in the first half of h's memory
+        h = _float32_in_place(h)
     buf = h.numpy()
     with tempfile.TemporaryFile() as spill:
         buf.tofile(spill)
