@@ -123,9 +123,10 @@ class GPTQResult:
 
 def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """H = M M^T with M (n, n) upper triangular, computed in ``h``'s memory (row-major float64:
-    converted in place to float32, whose view is returned), and the damping it took (raised x10 until H is positive definite, _tries). GPTQ's U (upper,
-    U^T U = H^-1) is M^-1, which the loop never needs: its feedback reads M (gptq). Only M's
-    upper triangle is meaningful after (_m_rows reads no more).
+    converted in place to float32, whose view is returned), and the damping it took (raised x10
+    until H is positive definite, _tries). GPTQ's U (upper, U^T U = H^-1) is M^-1, which the loop
+    never needs: its feedback reads M (gptq). Only M's upper triangle is meaningful after
+    (_m_rows reads no more).
 
     Blocked from the bottom-right corner, FACTOR_BLOCK columns at a time: with H = [[A, B],
     [B^T, C]] and C = M_c M_c^T done, M's block above it is B M_c^-T and A - (B M_c^-T)(B M_c^-T)^T
@@ -137,7 +138,8 @@ def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
 
     In float32, as GPTQ's reference code factorizes: the feedback the loop reads is float32
     anyway (_m_rows), and float32 halves the memory and more than triples the speed (Qwen3-8B's
-    ffn_down, n = 12288, on 2 cores: 17.3 s in float64, 4.8 s in float32, measured); the damping
+    ffn_down, n = 12288, on 2 cores: 17.3 s in float64, 4.8 s in float32, one timing of this
+    function alone, not yet tools/bench_solver.py's per-layer run); the damping
     keeps H far from float32's singular range (singular ones: _tries)."""
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")

@@ -556,6 +556,7 @@ class LayerResult:
     act_sums: dict[str, tuple[np.ndarray, int | np.ndarray]]
 
 
+@fixed_order()
 def solve_layer(
     h: torch.Tensor | Residual,
     w: dict[str, torch.Tensor],
@@ -568,19 +569,6 @@ def solve_layer(
     """One layer, true-sequential, ``h`` (B, T, n_embd) on ``opts.device`` and ``w`` on the CPU:
     returns the quantized layer's output (``h`` itself, updated in place) and its result.
     Under fixed_order(): on the CPU every bit is one thread's, whatever the thread count."""
-    with fixed_order():
-        return _solve_layer(h, w, hp, rope, types, opts, rep)
-
-
-def _solve_layer(
-    h: torch.Tensor | Residual,
-    w: dict[str, torch.Tensor],
-    hp: HParams,
-    rope: qwen3.Rope,
-    types: dict[str, str],
-    opts: SolverOptions,
-    rep: LayerReport,
-) -> tuple[torch.Tensor | Residual, LayerResult]:
     L = _Layer(w, {n: types[f"blk.{rep.layer}.{n}.weight"] for n in w}, hp, opts, rep)
     d = L.dev  # the forward reads the device copy, kept current by L
     R = h if isinstance(h, Residual) else Residual.of(h)
