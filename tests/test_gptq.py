@@ -253,6 +253,28 @@ def test_singular_hessian_is_damped_not_nan() -> None:
     assert gptq(w, h, Target("Q4_K"), damp=0.01).damp == 0.01
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_a_shared_factor_gives_the_bytes_of_a_fresh_factorization(act_order: bool) -> None:
+    """The linears reading one input (q/k/v, gate/up) share one factorization of its X^T X: a
+    second linear solved on the first one's factor (H not given at all) gets exactly the bytes of
+    solving it on H itself, a dead channel and a raised damping included; a factor made with
+    another damping or act-order is refused."""
+    w, _, x = _synthetic(cols=256)
+    h = x[:8].T.astype(np.float64) @ x[:8]  # singular: the damping is raised
+    h[5, :] = h[:, 5] = 0  # a dead input channel
+    w2 = (np.random.default_rng(1).standard_normal((40, 256)) * 0.05).astype(np.float32)
+    first = gptq(w, h.copy(), Target("Q4_K"), damp=1e-16, act_order=act_order, overwrite=True)
+    assert first.factor is not None and first.damp > 1e-16
+    shared = gptq(w2, None, Target("Q6_K"), damp=1e-16, act_order=act_order, factor=first.factor)
+    fresh = gptq(w2, h, Target("Q6_K"), damp=1e-16, act_order=act_order)
+    assert np.array_equal(shared.data, fresh.data) and np.array_equal(shared.weights, fresh.weights)
+    assert shared.damp == fresh.damp == first.damp
+    with pytest.raises(ValueError, match="damping and act-order"):
+        gptq(w2, None, Target("Q6_K"), damp=0.01, act_order=act_order, factor=first.factor)
+    with pytest.raises(ValueError, match="damping and act-order"):
+        gptq(w2, None, Target("Q6_K"), damp=1e-16, act_order=not act_order, factor=first.factor)
+
+
 LINEARS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 

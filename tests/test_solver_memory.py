@@ -337,3 +337,34 @@ def test_upper_factor_factors_h_in_its_memory(n: int, block: int, monkeypatch: p
             finally:
                 torch.set_num_threads(threads)
             assert torch.equal(torch.triu(again), torch.triu(rt)), t
+
+
+def test_error_diagnostics_on_a_row_sample_are_llama_cpps_rtn_of_those_rows() -> None:
+    """LayerReport.errors on a wide linear read every (rows // diag_rows)-th row: the RTN and
+    solver errors equal, to float32 rounding, the relative output errors computed in float64 from
+    llama.cpp's own quantize/dequantize of those rows alone (with AWQ column factors too), and a
+    matrix under 2 x diag_rows rows is measured on all of its rows."""
+    from ggq import ggml
+    from ggq.solvers.layerwise import _diagnose
+    from tests import ggml_ref
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((1100, 256)) * 0.05).astype(np.float32)
+    q = w + (rng.standard_normal(w.shape) * 0.002).astype(np.float32)  # a solver's weights
+    xs = _x(64, 256, seed=4)
+    cols = (0.5 + rng.random(256)).astype(np.float32)
+    tid = ggml.get("Q4_K").type_id
+
+    def want(rows: slice, c: np.ndarray | None) -> tuple[float, float]:
+        ws, x = w[rows].astype(np.float64), xs.numpy().astype(np.float64)
+        s = np.ones(256) if c is None else c.astype(np.float64)
+        scaled = np.ascontiguousarray((w[rows] / s).astype(np.float32))
+        rtn = ggml_ref.dequantize(ggml_ref.quantize(scaled, tid), tid, 256).astype(np.float64) * s
+        ref = np.sum((x @ ws.T) ** 2)
+        return tuple(float(np.sqrt(np.sum((x @ (ws - v).T) ** 2) / ref)) for v in (rtn, q[rows]))  # type: ignore[return-value]
+
+    for c in (None, cols):
+        got = _diagnose(w, q, "Q4_K", c, xs, 100)  # stride 11: rows 0, 11, ..., 1099
+        np.testing.assert_allclose(got, want(slice(None, None, 11), c), rtol=1e-4)
+        got_all = _diagnose(w[:150], q[:150], "Q4_K", c, xs, 100)  # 150 < 200 rows: all of them
+        np.testing.assert_allclose(got_all, want(slice(0, 150), c), rtol=1e-4)

@@ -23,9 +23,10 @@ files hold the same tensors byte for byte (exit 1 if not):
 
 Without ``--legacy`` each method runs with the solver's defaults. ``--legacy`` runs each method
 twice instead, one after the other in the same run, on the same checkpoint and threads: first
-with ``SolverOptions.legacy_gptq=True`` (the GPTQ statistics and three factorizations as before
-issue 13's part 3), then with ``legacy_gptq=False`` (one factorization, float32 chunk
-products: the default), and prints how many times faster per layer the second is.
+with ``SolverOptions.legacy_gptq=True`` and ``diag_rows=0`` (the GPTQ statistics, three
+factorizations per linear and the error diagnostics on every row, as before issue 13's part 3),
+then with the defaults (one factorization shared by the linears reading one input, float32 chunk
+products, diagnostics on a row sample), and prints how many times faster per layer the second is.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def child(
     tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (nsamples, seqlen))
     opts = SolverOptions(method=method, device=resolve_device(device))
     if gptq_path != "default":
-        opts = replace(opts, legacy_gptq=gptq_path == "legacy")
+        legacy = gptq_path == "legacy"
+        # the legacy path as the code was before issue 13's part 3: also its diagnostics on every row
+        opts = replace(opts, legacy_gptq=legacy, diag_rows=0 if legacy else opts.diag_rows)
 
     def report(rep: LayerReport) -> None:
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}

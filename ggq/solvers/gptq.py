@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -115,10 +116,25 @@ class _Grid:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """What GPTQ derives from H alone, for every linear reading the same input (q/k/v, gate/up):
+    the factor of _upper_factor and what the loop reads of H besides it."""
+
+    m: torch.Tensor  # (n, n) float32: H (processing order, damped) = M M^T, upper triangle meaningful
+    d: torch.Tensor  # (n,) M's diagonal
+    importance: np.ndarray  # (n,) float32 H's diagonal (original order, dead channels 1): the group fits'
+    dead: np.ndarray  # (n,) bool: channels with a zero diagonal (their weights are taken as 0)
+    perm: np.ndarray | None  # act-order's processing order, None without
+    requested: float  # the damping asked for
+    damp: float  # the damping it took
+
+
+@dataclass(frozen=True)
 class GPTQResult:
     data: np.ndarray  # (rows, row_bytes) uint8: the tensor as written to the GGUF
     weights: np.ndarray  # (rows, cols) float32: the values llama.cpp dequantizes from ``data``
     damp: float  # the damping used: the requested one, or raised until H was positive definite
+    factor: Factor | None = None  # H's factor, for another linear on the same H (None: legacy)
 
 
 def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -133,8 +149,9 @@ def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     is what is left. Each diagonal block is factorized on one thread (J C J = L L^T, M_c = J L J,
     J the reversal); the panel solves and the updates of the upper triangle's tiles are tasks of
     fixed shapes run on threads() Python threads, each on one BLAS thread: parallel,
-    with the bits of one thread (reductions.py). H goes to an unlinked temporary file first so that
-    a failed try restarts from it.
+    with the bits of one thread (reductions.py). A failed try restarts from a copy of H: for a
+    float64 ``h`` its float32 values in the second half of its memory (free once converted), for a
+    float32 one an unlinked temporary file.
 
     In float32, as GPTQ's reference code factorizes: the feedback the loop reads is float32
     anyway (_m_rows), and float32 halves the memory and more than triples the speed (Qwen3-8B's
@@ -144,15 +161,27 @@ def _upper_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     if not (damp > 0 and np.isfinite(damp)):
         raise SolverError(f"damping {damp:g}: must be a positive fraction of the mean Hessian diagonal")
     mean_diag = float(torch.diag(h).mean())
-    if h.dtype == torch.float64:  # factorized in float32 (below), in the first half of h's memory
-        h = _float32_in_place(h)
-    buf = h.numpy()
-    with tempfile.TemporaryFile() as spill:
-        buf.tofile(spill)
-        for k in range(_tries(damp)):
-            if k:  # H again, read straight into h
+    with ExitStack() as stack:
+        if h.dtype == torch.float64:  # factorized in float32 (below), in the first half of h's memory
+            full = h.view(-1)
+            h = _float32_in_place(h)
+            kept = full.view(torch.float32)[h.numel() :].view(h.shape)  # H again, in the second half
+            kept.copy_(h)
+
+            def restore() -> None:
+                h.copy_(kept)
+        else:
+            buf = h.numpy()
+            spill = stack.enter_context(tempfile.TemporaryFile())
+            buf.tofile(spill)
+
+            def restore() -> None:  # H again, read straight into h
                 spill.seek(0)
                 spill.readinto(buf.data.cast("B"))
+
+        for k in range(_tries(damp)):
+            if k:
+                restore()
             tried = damp * 10**k
             h.diagonal().add_(tried * mean_diag)  # H + tried * mean_diag * I without an identity
             if _factor_in_place(h):
@@ -202,6 +231,13 @@ def _tries(damp: float) -> int:
     tokens than columns) indefinite by about float32's epsilon x its norm, which a damping far
     below that (``--damp 1e-16``) cannot fix in five raises."""
     return max(6, int(np.ceil(-np.log10(damp))) + 1) if damp < 1 else 6
+
+
+# Columns whose feedback into each other _loop applies one column at a time (each column's update
+# touches at most INNER - 1 rows of the batch); into the batch's later columns it is one product
+# per INNER columns. A divisor of every ggml block size (32, 256), so that a group's first column
+# starts an inner batch whose columns have every earlier column's feedback.
+INNER = 32
 
 
 def _m_rows(m: torch.Tensor, d: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
@@ -306,19 +342,22 @@ class _Grids:
 
 def gptq(
     w: np.ndarray,
-    h: np.ndarray,
+    h: np.ndarray | None,
     target: Target,
     damp: float = 0.01,
     block: int = 256,
     act_order: bool = False,
     overwrite: bool = False,
     legacy: bool = False,
+    factor: Factor | None = None,
 ) -> GPTQResult:
     """Quantize ``w`` (rows, cols) to ``target`` with Hessian ``h`` (cols, cols) = sum of x x^T.
 
     ``act_order``: process columns by decreasing ``diag(h)``, on block scales fitted up front.
     ``overwrite``: ``h`` (float64) may be factorized in place instead of copied (its values are
     lost): one n x n float64 matrix in all, 1.2 GB for Qwen3-8B's ffn_down.
+    ``factor``: the result's ``factor`` of an earlier call on the same H, damping and act-order
+    (``h`` is then not read and may be None): the same bytes as factorizing H again.
     The loop keeps the columns of a lazy batch as contiguous rows (``W1t``) and searches five
     codes per column.
 
@@ -333,31 +372,51 @@ def gptq(
     group = target.group
     if cols % group:
         raise SolverError(f"{target.name}: {cols} columns are not a whole number of {group}-blocks")
-    if overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable:
-        H = torch.from_numpy(h)
+    if factor is not None:
+        if legacy or factor.requested != damp or (factor.perm is not None) != act_order:
+            raise ValueError("gptq: a factor is reused only with the damping and act-order it was made with")
+        H = None
+        dead_np, importance, perm_np = factor.dead, factor.importance, factor.perm
     else:
-        H = torch.from_numpy(np.array(h, dtype=np.float64))
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    grids = _Grids(target, torch.diag(H).to(torch.float32).numpy())
+        assert h is not None
+        if overwrite and h.dtype == np.float64 and h.flags.c_contiguous and h.flags.writeable:
+            H = torch.from_numpy(h)
+        else:
+            H = torch.from_numpy(np.array(h, dtype=np.float64))
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        dead_np, importance = dead.numpy(), torch.diag(H).to(torch.float32).numpy()
+        perm_np = torch.argsort(torch.diag(H), descending=True, stable=True).numpy() if act_order else None
+    grids = _Grids(target, importance)
     w0 = np.asarray(w, dtype=F32)  # (rows, cols) the weights given: read, never written
-    if bool(dead.any()):
+    if bool(dead_np.any()):
         w0 = w0.copy()
-        w0[:, dead.numpy()] = 0.0
+        w0[:, dead_np] = 0.0
     W = torch.from_numpy(w0.copy())  # (rows, cols), updated in place
     order = np.arange(cols)  # processing position -> original column
-    if act_order:
+    if perm_np is not None:
         for col in range(0, cols, group):
             grids.fit(W[:, col : col + group].numpy(), col)
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H, order = W[:, perm], H[perm][:, perm], perm.numpy()
+        perm = torch.from_numpy(perm_np)
+        W, order = W[:, perm], perm_np
+        if H is not None:
+            H = H[perm][:, perm]
     block = max(block // group, 1) * group
     codes_t = np.zeros((cols, rows), dtype=np.uint8)  # by original column
-    run = _loop_legacy if legacy else _loop
-    damp = run(W, H, w0, order, grids, codes_t, damp, block, act_order)
+    if legacy:
+        assert H is not None
+        damp = _loop_legacy(W, H, w0, order, grids, codes_t, damp, block, act_order)
+        made = None
+    else:
+        if factor is None:
+            assert H is not None
+            m, took = _upper_factor(H, damp)  # in H's memory
+            factor = Factor(m, torch.diag(m).clone(), importance, dead_np, perm_np, damp, took)
+        _loop(W, factor.m, factor.d, w0, order, grids, codes_t, block, act_order)
+        damp, made = factor.damp, factor
     if act_order:  # W's columns in processing order -> original order
         W = W[:, torch.from_numpy(np.argsort(order, kind="stable"))]
-    return GPTQResult(data=grids.pack(codes_t.T), weights=W.numpy(), damp=damp)
+    return GPTQResult(data=grids.pack(codes_t.T), weights=W.numpy(), damp=damp, factor=made)
 
 
 def _column(grids: _Grids, x: np.ndarray, col: int, codes_t: np.ndarray) -> np.ndarray:
@@ -394,20 +453,18 @@ def _textbook_state(c: torch.Tensor, w0: np.ndarray, N: torch.Tensor, i: int) ->
 
 def _loop(
     W: torch.Tensor,
-    H: torch.Tensor,
+    m: torch.Tensor,
+    d: torch.Tensor,
     w0: np.ndarray,
     order: np.ndarray,
     grids: _Grids,
     codes_t: np.ndarray,
-    damp: float,
     block: int,
     act_order: bool,
-) -> float:
-    """GPTQ's columns on the factor M of H = M M^T: ``W`` (rows, cols) in processing order is
-    updated in place to the quantized weights; returns the damping used."""
+) -> None:
+    """GPTQ's columns on the factor ``m`` of H = M M^T (_upper_factor; ``d`` its diagonal):
+    ``W`` (rows, cols) in processing order is updated in place to the quantized weights."""
     cols, group = W.shape[1], grids.target.group
-    m, damp = _upper_factor(H, damp)  # in H's memory
-    d = torch.diag(m).clone()  # (cols,) M's diagonal
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         N = _m_rows(m, d, b0, b1)  # (nb, cols - b0) float32 feedback rows
@@ -416,18 +473,20 @@ def _loop(
         W0t = np.ascontiguousarray(w0[:, order[b0:b1]].T)  # (nb, rows) the given weights
         D1t = np.empty_like(W1t_np)  # (nb, rows): w0 - q of the block's columns
         Q1t = np.empty_like(W1t_np)  # (nb, rows): the block's quantized columns
-        for i in range(b1 - b0):
-            col = int(order[b0 + i])
-            if not act_order and col % group == 0:
-                _start_group(grids, _textbook_state(W1t[i : i + group], W0t[i : i + group], N, i), col)
-            Q1t[i] = _column(grids, W1t_np[i], col, codes_t)
-            np.subtract(W0t[i], Q1t[i], out=D1t[i])
-            W1t[i + 1 :].add_(
-                N[i, i + 1 : b1 - b0, None] * torch.from_numpy(D1t[i])
-            )  # not addr_: fixed roundings
-        W[:, b1:] += mm(torch.from_numpy(D1t).T.contiguous(), N[:, b1 - b0 :])  # the product, then one add
+        nb = b1 - b0
+        for s0 in range(0, nb, INNER):  # INNER columns at a time; their feedback to the rest: one product
+            s1 = min(s0 + INNER, nb)
+            for i in range(s0, s1):
+                col = int(order[b0 + i])
+                if not act_order and col % group == 0:
+                    _start_group(grids, _textbook_state(W1t[i : i + group], W0t[i : i + group], N, i), col)
+                Q1t[i] = _column(grids, W1t_np[i], col, codes_t)
+                np.subtract(W0t[i], Q1t[i], out=D1t[i])
+                W1t[i + 1 : s1].add_(N[i, i + 1 : s1, None] * torch.from_numpy(D1t[i]))  # fixed roundings
+            if s1 < nb:
+                W1t[s1:] += mm(N[s0:s1, s1:nb].T.contiguous(), torch.from_numpy(D1t[s0:s1]))
+        W[:, b1:] += mm(torch.from_numpy(D1t).T.contiguous(), N[:, nb:])  # the product, then one add
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
-    return damp
 
 
 def _loop_legacy(

@@ -50,7 +50,7 @@ import torch
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.solvers import awq, moe
-from ggq.solvers.gptq import Target, gptq
+from ggq.solvers.gptq import Factor, Target, gptq
 from ggq.solvers.options import (
     LayerReport,
     SolverError,
@@ -216,6 +216,26 @@ class StatsStream:
             h_full=self.full.result().cpu().numpy() if self.full is not None else None,
             x_sample=torch.cat(self.diag) if self.diag else None,
         )
+
+
+def _diagnose(
+    w: np.ndarray, q: np.ndarray, type_name: str, cols: np.ndarray | None, xs: torch.Tensor, max_rows: int
+) -> tuple[float, float]:
+    """LayerReport.errors of a linear: the relative output errors on the token sample ``xs`` of
+    plain RTN (of the weights before AWQ's column factors ``cols``) and of the solver's ``q``,
+    both on every ``rows // max_rows``-th row (all of them below 2 x ``max_rows`` rows or with
+    ``max_rows`` 0). ggml encodes each row on its own, so the sampled rows' RTN is exactly the
+    whole matrix's RTN of those rows."""
+    stride = max(1, w.shape[0] // max_rows) if max_rows else 1
+    ws, qs = w[::stride], q[::stride]
+    if stride > 1:
+        ws, qs = np.ascontiguousarray(ws), np.ascontiguousarray(qs)
+    if cols is None:
+        rtn = awq.quantized_weights(ws, type_name, None)
+    else:
+        rtn = awq.quantized_weights(ws / cols[None, :], type_name, None) * cols[None, :]
+    errs = _rel_errors(ws, [rtn, qs], xs)
+    return errs[0], errs[1]
 
 
 def _rel_errors(w: np.ndarray, qs: list[np.ndarray], xs: torch.Tensor) -> list[float]:
@@ -422,6 +442,7 @@ class _Layer:
     def quantize(self, names: tuple[str, ...], stats: InputStats, last_use: bool = False) -> None:
         """Encode linears reading the input of ``stats``; their weights become the decoded ones.
         ``last_use``: nothing reads ``stats`` after, so GPTQ may factorize its X^T X in place."""
+        factor: Factor | None = None
         for name in names:
             t, wn = self.types[name], self.w[name].numpy()
             if t in ggml.FLOAT_TYPES:
@@ -429,21 +450,27 @@ class _Layer:
                     data = ggml.quantize(wn, t)
                     q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.kind.uses_gptq:
-                assert stats.h_full is not None
-                overwrite = last_use and name == names[-1]
+                # one factorization of X^T X for all of names (q/k/v, gate/up), made by the first;
+                # H is not read after it, so with last_use it is factorized in place
+                legacy = self.opts.legacy_gptq
+                overwrite = last_use and (name == names[-1] if legacy else factor is None)
                 with timed("solve"):
                     res = gptq(
                         wn,
-                        stats.h_full,
+                        stats.h_full if factor is None else None,
                         Target(t),
                         damp=self.opts.damp,
                         act_order=self.opts.act_order,
                         overwrite=overwrite,
-                        legacy=self.opts.legacy_gptq,
+                        legacy=legacy,
+                        factor=factor,
                     )
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
-                if overwrite:  # factorized in place: garbage now, not held through the diagnostics
+                # the factor (H's memory) is not held through the last linear's diagnostics
+                factor = res.factor if name != names[-1] else None
+                del res
+                if overwrite:  # factorized in place: garbage now
                     stats.h_full = None
             else:
                 assert stats.h_sample is not None
@@ -454,14 +481,8 @@ class _Layer:
                     q = ggml.dequantize(data, t, wn.shape[1])
             if t not in ggml.FLOAT_TYPES and stats.x_sample is not None:
                 with timed("diag"):
-                    s = self.col_scale.get(name)  # plain RTN of the unscaled weights (no copies without)
-                    rtn = (
-                        awq.quantized_weights(wn, t, None)
-                        if s is None
-                        else awq.quantized_weights(wn / s, t, None) * s
-                    )
-                    errs = _rel_errors(wn, [rtn, q], stats.x_sample)
-                    self.rep.errors[name] = (errs[0], errs[1])
+                    s = self.col_scale.get(name)  # plain RTN of the unscaled weights
+                    self.rep.errors[name] = _diagnose(wn, q, t, s, stats.x_sample, self.opts.diag_rows)
             self.out[name] = data
             if self.refits and name in REFIT_INPUTS:
                 self.unquantized[name] = wn
@@ -505,13 +526,8 @@ class _Layer:
                 q = ggml.dequantize(data, t, we.shape[1])
         if t not in ggml.FLOAT_TYPES and stats.x_sample is not None:
             with timed("diag"):
-                rtn = (
-                    awq.quantized_weights(we, t, None)
-                    if cols is None
-                    else awq.quantized_weights(we / cols[None, :], t, None) * cols[None, :]
-                )
-                errs = _rel_errors(we, [rtn, q], stats.x_sample)
-                self.expert_errors.setdefault(name, []).append((errs[0], errs[1]))
+                errs = _diagnose(we, q, t, cols, stats.x_sample, self.opts.diag_rows)
+                self.expert_errors.setdefault(name, []).append(errs)
         self.expert_out.setdefault(name, []).append(data)
         self.w[name][e] = torch.from_numpy(q)
         if self.dev[name] is not self.w[name]:

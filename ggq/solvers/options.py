@@ -60,6 +60,8 @@ class SolverOptions:
     device: str = "cpu"  # torch device of the forward passes and statistics (see resolve_device)
     # tokens (evenly strided) on which LayerReport.errors are measured; 0: no error diagnostics
     diag_tokens: int = 512
+    # about this many rows (every rows // diag_rows-th) of each linear in those diagnostics; 0: all
+    diag_rows: int = 512
     # bytes of the residual stream of all windows (nsamples x seqlen x n_embd x 4) above which it
     # is kept in a temporary file instead of memory (Qwen3-8B at 128 x 512: 1 GiB)
     max_residual_bytes: int = 512 << 20
