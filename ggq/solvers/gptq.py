@@ -238,6 +238,7 @@ def _tries(damp: float) -> int:
 # per INNER columns. A divisor of every ggml block size (32, 256), so that a group's first column
 # starts an inner batch whose columns have every earlier column's feedback.
 INNER = 32
+SOLVE_COLS = 1024  # rows of W per task of _textbook_state's triangular solve
 
 
 def _m_rows(m: torch.Tensor, d: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
@@ -445,9 +446,19 @@ def _textbook_state(c: torch.Tensor, w0: np.ndarray, N: torch.Tensor, i: int) ->
     w0 + (c - w0) N_gg^-1, N_gg (group, group) unit upper triangular."""
     g = c.shape[0]
     w0t = torch.from_numpy(w0)
-    n_gg = N[i : i + g, i : i + g]  # (g, g) unit upper: its lower triangle is not read
-    with one_thread():  # MKL's multi-threaded triangular solve: bits vary with its partition (CI)
-        fix = torch.linalg.solve_triangular(n_gg.T, c - w0t, upper=False, unitriangular=True)  # (g, rows)
+    n_gg = N[i : i + g, i : i + g].T  # (g, g) unit lower: its upper triangle is not read
+    fix = c - w0t  # (g, rows), solved in place
+
+    def solve(t: tuple[int, int]) -> None:  # rows t[0]..t[1]: one task, one BLAS thread
+        part = fix[:, t[0] : t[1]]
+        part.copy_(torch.linalg.solve_triangular(n_gg, part, upper=False, unitriangular=True))
+
+    # MKL's multi-threaded triangular solve: bits vary with its partition (CI), so fixed-width
+    # tiles of the rows, each on one thread, run on threads() Python threads
+    rows = fix.shape[1]
+    tiles = [(j, min(j + SOLVE_COLS, rows)) for j in range(0, rows, SOLVE_COLS)]
+    with one_thread(), ThreadPoolExecutor(max(1, min(threads(), len(tiles)))) as pool:
+        list(pool.map(solve, tiles))
     return (w0t + fix).numpy().T
 
 

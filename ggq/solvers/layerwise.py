@@ -136,6 +136,9 @@ class InputStats:
     # added in float64 (the upper triangle, mirrored), or with ``legacy`` float64 products
     h_full: np.ndarray | None
     x_sample: torch.Tensor | None = None  # (k, n_in) evenly strided tokens, for the error diagnostics
+    # GPTQ's factorization of h_full (gptq.Factor), made by the first linear solved on it and
+    # reused by the others reading the same input (q/k/v, gate/up)
+    factor: Factor | None = None
 
     @classmethod
     def of(
@@ -442,7 +445,6 @@ class _Layer:
     def quantize(self, names: tuple[str, ...], stats: InputStats, last_use: bool = False) -> None:
         """Encode linears reading the input of ``stats``; their weights become the decoded ones.
         ``last_use``: nothing reads ``stats`` after, so GPTQ may factorize its X^T X in place."""
-        factor: Factor | None = None
         for name in names:
             t, wn = self.types[name], self.w[name].numpy()
             if t in ggml.FLOAT_TYPES:
@@ -450,9 +452,9 @@ class _Layer:
                     data = ggml.quantize(wn, t)
                     q = ggml.dequantize(data, t, wn.shape[1])
             elif self.opts.kind.uses_gptq:
-                # one factorization of X^T X for all of names (q/k/v, gate/up), made by the first;
-                # H is not read after it, so with last_use it is factorized in place
-                legacy = self.opts.legacy_gptq
+                # one factorization of X^T X for every linear reading it (q/k/v, gate/up), made
+                # by the first; H is not read after it, so with last_use it is factorized in place
+                legacy, factor = self.opts.legacy_gptq, stats.factor
                 overwrite = last_use and (name == names[-1] if legacy else factor is None)
                 with timed("solve"):
                     res = gptq(
@@ -468,7 +470,7 @@ class _Layer:
                 data, q = res.data, res.weights
                 self.rep.damp[name] = res.damp
                 # the factor (H's memory) is not held through the last linear's diagnostics
-                factor = res.factor if name != names[-1] else None
+                stats.factor = res.factor if not (last_use and name == names[-1]) else None
                 del res
                 if overwrite:  # factorized in place: garbage now
                     stats.h_full = None
