@@ -45,6 +45,7 @@ from ggq.solvers.reductions import (
     fixed_order,
     gram,
     mm,
+    mm_add,
     one_thread,
     threads,
     total,
@@ -251,6 +252,33 @@ def test_mm_under_fixed_order_is_one_thread_per_tile() -> None:
         assert torch.equal(got, ref), f"mm at {count} threads is not the one-thread tiles"
     assert torch.get_num_threads() == before
     np.testing.assert_allclose(mm(a, b).numpy(), (a @ b).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_mm_add_under_fixed_order_is_one_thread_per_tile() -> None:
+    """mm_add(c, a, b) under fixed_order() is, bit for bit, each MM_COLS-wide column tile of c
+    updated by one single-threaded addmm at any caller thread count, on a strided view of c (the
+    columns GPTQ updates); outside it c += a @ b. Both are c + a @ b to float32 rounding."""
+    rng = np.random.default_rng(11)
+    a = torch.from_numpy(rng.standard_normal((300, 96)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((96, 2 * MM_COLS + 50)).astype(np.float32))
+    base = torch.from_numpy(rng.standard_normal((300, 2 * MM_COLS + 90)).astype(np.float32))
+    n = b.shape[1]
+    ref = base.clone()
+    with _threads(1):
+        for j in range(0, n, MM_COLS):
+            ref[:, 40 + j : 40 + min(j + MM_COLS, n)].addmm_(a, b[:, j : j + MM_COLS])
+    for count in (1, 2, 4):
+        got = base.clone()
+        with _threads(count), fixed_order():
+            mm_add(got[:, 40:], a, b)
+        assert torch.equal(got, ref), f"mm_add at {count} threads is not the one-thread tiles"
+    plain = base.clone()
+    mm_add(plain[:, 40:], a, b)
+    want = base.numpy().astype(np.float64)
+    want[:, 40:] += a.numpy().astype(np.float64) @ b.numpy().astype(np.float64)
+    for c in (ref, plain):
+        np.testing.assert_allclose(c.numpy(), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ref[:, :40], base[:, :40])
 
 
 def test_solve_layer_runs_torch_on_one_thread(wide: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from ggq import ggml
 from ggq.solvers.options import SolverError, supported_types, timed
-from ggq.solvers.reductions import mm, one_thread, threads
+from ggq.solvers.reductions import mm, mm_add, one_thread, threads
 
 F32 = np.float32
 
@@ -495,8 +495,8 @@ def _loop(
                 np.subtract(W0t[i], Q1t[i], out=D1t[i])
                 W1t[i + 1 : s1].add_(N[i, i + 1 : s1, None] * torch.from_numpy(D1t[i]))  # fixed roundings
             if s1 < nb:
-                W1t[s1:] += mm(N[s0:s1, s1:nb].T.contiguous(), torch.from_numpy(D1t[s0:s1]))
-        W[:, b1:] += mm(torch.from_numpy(D1t).T.contiguous(), N[:, nb:])  # the product, then one add
+                mm_add(W1t[s1:], N[s0:s1, s1:nb].T.contiguous(), torch.from_numpy(D1t[s0:s1]))
+        mm_add(W[:, b1:], torch.from_numpy(D1t).T.contiguous(), N[:, nb:])  # the rest's feedback
         W[:, b0:b1] = torch.from_numpy(Q1t).T  # done with: W's columns become the result's
 
 

@@ -95,6 +95,29 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*a.shape[:-1], n)
 
 
+def mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``c`` (m, n) += ``a`` (m, k) @ ``b`` (k, n), in place. Under :func:`fixed_order` on the CPU
+    (without autograd) as :func:`mm`'s tiles, each one BLAS call adding its product into its
+    columns of ``c`` (no (m, n) temporary, no separate pass of one thread over ``c``)."""
+    n = b.shape[-1]
+    plain = not _FIXED or c.device.type != "cpu" or n <= MM_COLS
+    if plain or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        c += a @ b
+        return
+    tiles = [(j, min(j + MM_COLS, n)) for j in range(0, n, MM_COLS)]
+
+    def tile(t: tuple[int, int]) -> None:
+        c[:, t[0] : t[1]].addmm_(a, b[:, t[0] : t[1]])
+
+    workers = max(1, min(_FIXED[-1], len(tiles)))
+    if workers == 1:
+        for t in tiles:
+            tile(t)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(tile, tiles))
+
+
 def gram(
     x: torch.Tensor,
     dtype: torch.dtype = torch.float64,
