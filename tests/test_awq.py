@@ -108,6 +108,38 @@ def test_ranked_scales_are_sorted_and_start_with_the_search_result() -> None:
     assert best.exponents == ranked[0].exponents and np.array_equal(best.scales, ranked[0].scales)
 
 
+def test_candidates_scored_on_a_row_sample_are_llama_cpps_error_of_those_rows() -> None:
+    """With ``rows`` (SolverOptions.search_rows) a wide linear's candidates are scored on every
+    (rows // search_rows)-th row: each candidate's loss is, to float32 rounding, the output error
+    tr(E H E^T) of those rows alone computed in float64 from llama.cpp's own imatrix quantization
+    (importance: the scaled input's mean square); a linear under 2 x rows rows counts every row.
+    The candidates themselves (their scales) are those of the full weights."""
+    from tests import ggml_ref
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2048, 256)) * (0.2 + 3 * rng.random(256))).astype(np.float32)
+    h = x.T.astype(np.float64) @ x
+    wide = (rng.standard_normal((700, 256)) * 0.05).astype(np.float32)
+    narrow = (rng.standard_normal((90, 256)) * 0.05).astype(np.float32)
+    mean_abs, mean_sq = np.abs(x).mean(0).astype(np.float64), (x**2).mean(0)
+    weights = [(wide, "Q4_K"), (narrow, "Q4_0")]
+    ht = torch.from_numpy(h.astype(np.float32))
+    ranked = awq.ranked_scales(weights, ht, mean_abs, mean_sq, np.arange(256), 4, rows=50)
+    full = awq.ranked_scales(weights, ht, mean_abs, mean_sq, np.arange(256), 4)
+    assert sorted(r.exponents for r in ranked) == sorted(r.exponents for r in full)
+    for r in ranked:
+        s = r.scales.astype(np.float64)
+        imp = (mean_sq / s**2).astype(np.float32)
+        want = 0.0
+        for w, t in ((wide[::14], "Q4_K"), (narrow, "Q4_0")):  # 700 // 50 = 14; 90 < 100: all rows
+            tid = ggml.get(t).type_id
+            ws = np.ascontiguousarray((w * s).astype(np.float32))
+            q = ggml_ref.dequantize(ggml_ref.quantize(ws, tid, imp), tid, 256).astype(np.float64) / s
+            e = w.astype(np.float64) - q
+            want += float(np.sum((e @ h) * e))
+        assert r.loss == pytest.approx(want, rel=1e-3)
+
+
 def test_block_choice_follows_the_block_error_not_the_linear_one() -> None:
     """With the linear output error as the block error it keeps the search's best; with an error
     that only the unscaled candidate makes small, it picks that one."""

@@ -23,10 +23,11 @@ files hold the same tensors byte for byte (exit 1 if not):
 
 Without ``--legacy`` each method runs with the solver's defaults. ``--legacy`` runs each method
 twice instead, one after the other in the same run, on the same checkpoint and threads: first
-with ``SolverOptions.legacy_gptq=True`` and ``diag_rows=0`` (the GPTQ statistics, three
-factorizations per linear and the error diagnostics on every row, as before issue 13's part 3),
-then with the defaults (one factorization shared by the linears reading one input, float32 chunk
-products, diagnostics on a row sample), and prints how many times faster per layer the second is.
+with ``SolverOptions.legacy_gptq=True``, ``diag_rows=0`` and ``search_rows=0`` (the GPTQ
+statistics, three factorizations per linear, the error diagnostics and AWQ's candidate scores on
+every row, as before issue 13's part 3), then with the defaults (one factorization shared by the
+linears reading one input, float32 chunk products, diagnostics and AWQ's scores on a row sample),
+and prints how many times faster per layer the second ("now") is.
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ def child(
     opts = SolverOptions(method=method, device=resolve_device(device))
     if gptq_path != "default":
         legacy = gptq_path == "legacy"
-        # the legacy path as the code was before issue 13's part 3: also its diagnostics on every row
-        opts = replace(opts, legacy_gptq=legacy, diag_rows=0 if legacy else opts.diag_rows)
+        # the legacy path as the code was before issue 13's part 3: also its diagnostics on every
+        # row and AWQ's candidates scored on every row
+        if legacy:
+            opts = replace(opts, legacy_gptq=True, diag_rows=0, search_rows=0)
+        else:
+            opts = replace(opts, legacy_gptq=False)
 
     def report(rep: LayerReport) -> None:
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}
@@ -188,7 +193,7 @@ def main() -> int:
     parser.add_argument(
         "--legacy",
         action="store_true",
-        help="run each method with the GPTQ code before issue 13 part 3 (the default), then with one factorization, and compare",
+        help="run each method as the code was before issue 13 part 3, then with the defaults, and compare",
     )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -218,11 +223,9 @@ def main() -> int:
                 results.append(table(m, run_method(ckpt, m, args), shape))
                 continue
             results.append(table(f"{m} (legacy)", run_method(ckpt, m, args, "legacy"), shape))
-            results.append(table(f"{m} (one factorization)", run_method(ckpt, m, args, "new"), shape))
+            results.append(table(f"{m} (now)", run_method(ckpt, m, args, "new"), shape))
             old, new = results[-2]["seconds_per_layer"], results[-1]["seconds_per_layer"]
-            print(
-                f"{m}: {old:.1f} s/layer legacy, {new:.1f} s/layer one factorization: {old / new:.2f}x faster"
-            )
+            print(f"{m}: {old:.1f} s/layer legacy, {new:.1f} s/layer now: {old / new:.2f}x faster")
         rtn = rtn_vs_llama_cpp(ckpt, Path(tmp), args.type, args.threads, size) if args.vs_llama_cpp else None
     if args.json:
         doc = {"args": vars(args) | {"checkpoint": str(ckpt)}, "runs": results, "rtn_vs_llama_cpp": rtn}

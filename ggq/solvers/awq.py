@@ -148,17 +148,29 @@ def ranked_scales(
     mean_sq: np.ndarray,
     channel: np.ndarray,
     grid: int = 20,
+    rows: int = 0,
 ) -> list[ScaleResult]:
     """Every candidate of :func:`search_scales`, by increasing output error (ties: the earlier
-    first, the unscaled one before all)."""
+    first, the unscaled one before all). ``rows`` (0: all): each linear's error is scored on
+    every ``its rows // rows``-th row (sample_rows); the candidates come from all of them."""
     x_mean = _per_channel(mean_abs, channel)
     w_mean = _per_channel(row_relative_mean([w for w, _ in weights]), channel)  # (n_ch,)
-    plain = output_error(weights, h, mean_sq, np.ones(len(channel), np.float32))
+    scored = [(sample_rows(w, rows), t) for w, t in weights]
+    plain = output_error(scored, h, mean_sq, np.ones(len(channel), np.float32))
     grid_ = grid_candidates(x_mean, w_mean, grid)
     found = [ScaleResult(*grid_[0], plain, plain)]  # unscaled: importance-weighted RTN
     for s, exponents in grid_[1:]:
-        found.append(ScaleResult(s, exponents, output_error(weights, h, mean_sq, s[channel]), plain))
+        found.append(ScaleResult(s, exponents, output_error(scored, h, mean_sq, s[channel]), plain))
     return sorted(found, key=lambda r: r.loss)  # stable: ties keep the earlier
+
+
+def sample_rows(w: np.ndarray, rows: int) -> np.ndarray:
+    """Every ``len(w) // rows``-th row of ``w`` (rows, n_in), contiguous; ``w`` itself under
+    2 x ``rows`` rows or with ``rows`` 0. ggml encodes each row on its own (the importance is per
+    column), so a sampled row's quantization is the whole matrix's: the output error summed over
+    the sample is that of those rows exactly, an evenly spread share of the whole."""
+    stride = max(1, w.shape[0] // rows) if rows else 1
+    return w if stride == 1 else np.ascontiguousarray(w[::stride])
 
 
 def row_relative_mean(weights: list[np.ndarray]) -> np.ndarray:

@@ -229,10 +229,7 @@ def _diagnose(
     both on every ``rows // max_rows``-th row (all of them below 2 x ``max_rows`` rows or with
     ``max_rows`` 0). ggml encodes each row on its own, so the sampled rows' RTN is exactly the
     whole matrix's RTN of those rows."""
-    stride = max(1, w.shape[0] // max_rows) if max_rows else 1
-    ws, qs = w[::stride], q[::stride]
-    if stride > 1:
-        ws, qs = np.ascontiguousarray(ws), np.ascontiguousarray(qs)
+    ws, qs = awq.sample_rows(w, max_rows), awq.sample_rows(q, max_rows)
     if cols is None:
         rtn = awq.quantized_weights(ws, type_name, None)
     else:
@@ -412,7 +409,13 @@ class _Layer:
             stats.mean_abs if self.opts.salience == "mean_abs" else np.sqrt(stats.mean_sq.astype(np.float64))
         )
         ranked = awq.ranked_scales(
-            weights, stats.h_sample, salience, stats.mean_sq, channel, self.opts.awq_grid
+            weights,
+            stats.h_sample,
+            salience,
+            stats.mean_sq,
+            channel,
+            self.opts.awq_grid,
+            self.opts.search_rows,
         )
         found = ranked[0]
         if block is not None and xs is not None:

@@ -48,6 +48,9 @@ class SolverOptions:
     refit_norms: bool = True  # AWQ: least-squares refit of the folded norms after quantization
     clip: bool = True  # awq: AWQ's clipping search before the importance-weighted encoder
     search_tokens: int = 16384  # tokens whose X^T X scores the AWQ candidates (evenly strided)
+    # AWQ: each linear's candidates scored on about this many of its rows (every rows //
+    # search_rows-th; all under 2 x search_rows rows); 0: every row
+    search_rows: int = 512
     # AWQ: the best this many candidates of the linears' output error re-ranked by the error of
     # their block's output (attention after o_proj, MLP after down_proj, the rest float); <= 1: off
     block_candidates: int = 0
