@@ -26,7 +26,7 @@ the caller's threads. Every bit then comes from one-thread kernels on shapes fix
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
@@ -80,19 +80,25 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     flat = a.reshape(-1, a.shape[-1])  # (rows, k)
     out = torch.empty(flat.shape[0], n, dtype=torch.promote_types(a.dtype, b.dtype))
+
+    def tile(j0: int, j1: int) -> None:
+        out[:, j0:j1] = flat @ b[:, j0:j1]
+
+    _column_tiles(tile, n)
+    return out.view(*a.shape[:-1], n)
+
+
+def _column_tiles(fn: Callable[[int, int], None], n: int) -> None:
+    """``fn(j0, j1)`` for each MM_COLS-wide tile of n columns, on the caller's :func:`threads`
+    (fixed_order's count) Python threads, torch on one thread in each."""
     tiles = [(j, min(j + MM_COLS, n)) for j in range(0, n, MM_COLS)]
-
-    def tile(t: tuple[int, int]) -> None:
-        out[:, t[0] : t[1]] = flat @ b[:, t[0] : t[1]]
-
     workers = max(1, min(_FIXED[-1], len(tiles)))
     if workers == 1:
         for t in tiles:
-            tile(t)
+            fn(*t)
     else:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(tile, tiles))
-    return out.view(*a.shape[:-1], n)
+            list(pool.map(lambda t: fn(*t), tiles))
 
 
 def mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -104,18 +110,11 @@ def mm_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if plain or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         c += a @ b
         return
-    tiles = [(j, min(j + MM_COLS, n)) for j in range(0, n, MM_COLS)]
 
-    def tile(t: tuple[int, int]) -> None:
-        c[:, t[0] : t[1]].addmm_(a, b[:, t[0] : t[1]])
+    def tile(j0: int, j1: int) -> None:
+        c[:, j0:j1].addmm_(a, b[:, j0:j1])
 
-    workers = max(1, min(_FIXED[-1], len(tiles)))
-    if workers == 1:
-        for t in tiles:
-            tile(t)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(tile, tiles))
+    _column_tiles(tile, n)
 
 
 def gram(
