@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ggq import signals
 from ggq.errors import GGQError
 from ggq.gguf import GGUFFormatError, read_metadata
 
@@ -330,8 +331,11 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO |
             out.write(HELP + "\n")
             continue
         printer = ThinkPrinter(out, out)
+        before = signals.interrupts()
         try:
             for piece in session.stream(text):
+                if signals.interrupts() != before:  # a Ctrl-C whose KeyboardInterrupt was lost
+                    raise KeyboardInterrupt
                 printer.write(piece)
             printer.close()
         except KeyboardInterrupt:

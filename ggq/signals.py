@@ -18,6 +18,15 @@ from ggq.files import TEMPORARIES
 # exit status and the one line printed, as a shell reports a process killed by the signal
 SIGNAL_EXITS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 GRACE_S = 3.0  # after a signal, how long the command may take to unwind before the watchdog exits
+_INTERRUPTS = [0]  # interactive SIGINTs so far (chat's Ctrl-C), see interrupts()
+
+
+def interrupts() -> int:
+    """How many interactive Ctrl-Cs (SignalGuard.interactive_sigint) this process has had. A
+    loop that must stop on one compares it with its value before: the KeyboardInterrupt the
+    handler raises is lost when it lands in a ctypes callback (llama.cpp's log or progress
+    callbacks: ctypes prints and drops exceptions raised there), the count is not."""
+    return _INTERRUPTS[0]
 
 
 class Terminated(BaseException):
@@ -72,6 +81,7 @@ class SignalGuard:
 
     def _raise(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.interactive_sigint:
+            _INTERRUPTS[0] += 1
             raise KeyboardInterrupt
         if self.signum is not None:
             return  # already unwinding; a second signal makes the watchdog exit at once

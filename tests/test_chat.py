@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
@@ -205,3 +206,32 @@ def test_bad_model_and_gpu_are_one_line(model: Path, tmp_path: Path) -> None:
     if not any(d["type"] in ("gpu", "igpu") for d in native.load().devices()):
         result = CliRunner().invoke(main, ["chat", str(model), "-p", "x", "--gpu-layers", "5"])
         assert result.exit_code == 2 and "--gpu-layers 5: no GPU available" in result.output
+
+
+def test_a_ctrl_c_whose_exception_was_lost_still_stops_the_reply() -> None:
+    """Chat's SIGINT handler raises KeyboardInterrupt in the main thread, which is lost when the
+    signal lands in a ctypes callback (llama.cpp's log/progress callbacks: ctypes prints and
+    drops it; a CI run saw a reply stream on for 120 s after Ctrl-C). The handler also counts the
+    interrupt, so the REPL stops the reply at its next piece all the same and keeps the session."""
+    from ggq.signals import SignalGuard
+
+    guard = SignalGuard()
+    guard.interactive_sigint = True
+    pieces: list[int] = []
+
+    class Session:
+        path, has_template, think = Path("m.gguf"), True, False
+
+        def stream(self, text: str) -> Any:
+            for i in range(1000):
+                if i == 3:
+                    with contextlib.suppress(KeyboardInterrupt):  # as a ctypes callback drops it
+                        guard._raise(signal.SIGINT, None)
+                pieces.append(i)
+                yield f"w{i} "
+
+    lines = iter(["go on", "/exit"])
+    out = io.StringIO()
+    chat.repl(Session(), read=lambda _: next(lines), out=out)  # type: ignore[arg-type]
+    assert "w0 w1 w2  [stopped]\n" in out.getvalue() and "w3" not in out.getvalue()
+    assert pieces == [0, 1, 2, 3]  # the reply ended at the piece after the lost interrupt
