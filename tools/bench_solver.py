@@ -106,14 +106,10 @@ def child(
     types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions(type_name)))}
     tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (nsamples, seqlen))
     opts = SolverOptions(method=method, device=resolve_device(device))
-    if gptq_path != "default":
-        legacy = gptq_path == "legacy"
-        # the legacy path as the code was before issue 13's part 3: also its diagnostics on every
-        # row and AWQ's candidates scored on every row
-        if legacy:
-            opts = replace(opts, legacy_gptq=True, diag_rows=0, search_rows=0)
-        else:
-            opts = replace(opts, legacy_gptq=False)
+    if gptq_path == "legacy":  # the code before issue 13's part 3: diagnostics and AWQ scores on every row
+        opts = replace(opts, legacy_gptq=True, diag_rows=0, search_rows=0)
+    elif gptq_path == "new":
+        opts = replace(opts, legacy_gptq=False)
 
     def report(rep: LayerReport) -> None:
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}

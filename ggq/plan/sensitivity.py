@@ -228,11 +228,13 @@ def _raw_losses(
     imp = _importance(name, stats, settings, w.shape[-1])
     h = stats.h_of(name) if settings.error == "gptq" and name.startswith("blk.") else None
     out = {}
-    factors: dict[int, Any] = {}  # one factorization of h (per expert) for every candidate type
+    factor = None  # a dense linear's factorization of h, made once for every candidate type
     for t in cands:
         # GPTQ's grid types (all the planner offers a GPTQ method's linears); the rest as RTN
-        by_gptq = h is not None and t in _gptq_types()
-        q = _gptq_weights(w, h, t, settings, factors) if h is not None and by_gptq else quantized(w, t, imp)
+        if h is not None and t in _gptq_types():
+            q, factor = _gptq_weights(w, h, t, settings, factor)
+        else:
+            q = quantized(w, t, imp)
         out[t] = stats.loss(name, w - q, tied)
         if t == keep[0]:
             keep[1][name] = q
@@ -246,30 +248,23 @@ def _gptq_types() -> frozenset[str]:
 
 
 def _gptq_weights(
-    w: np.ndarray,
-    h: np.ndarray,
-    type_name: str,
-    settings: SensitivitySettings,
-    factors: dict[int, Any] | None = None,
-) -> np.ndarray:
+    w: np.ndarray, h: np.ndarray, type_name: str, settings: SensitivitySettings, factor: Any = None
+) -> tuple[np.ndarray, Any]:
     """What llama.cpp decodes from GPTQ's encoding of ``w`` in ``type_name`` on the float
-    model's ``h``: the error the GPTQ methods leave (before the error of earlier layers).
-    ``factors``: a dense linear's factorization of ``h`` (key -1), made by the first call and
-    reused by the next ones on the same ``h`` (the same weights as factorizing again). Experts'
-    are not kept: one n x n float32 each, 8 GiB for 128 experts of width 4096."""
+    model's ``h``: the error the GPTQ methods leave (before the error of earlier layers), and the
+    factorization of ``h`` (gptq.Factor) for the next type: ``factor``, an earlier call's, is
+    reused (the same weights as factorizing again). Merged experts keep none: one n x n float32
+    each, 8 GiB for 128 experts of width 4096."""
     from ggq.solvers.gptq import Target, gptq  # torch: only on the GPTQ methods' path
 
     if w.ndim == 3:  # merged experts, (E, rows, n) with (E, n, n): each on its own routed rows
-        return np.stack([_gptq_weights(w[e], h[e], type_name, settings) for e in range(len(w))])
-    factors = {} if factors is None else factors
-    known = factors.get(-1)
+        return np.stack([_gptq_weights(w[e], h[e], type_name, settings)[0] for e in range(len(w))]), None
     res = gptq(
         w,
-        h if known is None else None,
+        h if factor is None else None,
         Target(type_name),
         damp=settings.damp,
         act_order=settings.act_order,
-        factor=known,
+        factor=factor,
     )
-    factors[-1] = res.factor
-    return res.weights
+    return res.weights, res.factor
