@@ -28,6 +28,7 @@ from ggq.plan import recipe
 from ggq.plan.recipe import FileType
 from ggq.solvers.method import CALIBRATED, METHODS, Method, calibrated_list, method
 from ggq.solvers.options import (
+    HEAD,
     DistillOptions,
     DistillReport,
     LayerReport,
@@ -36,6 +37,7 @@ from ggq.solvers.options import (
     check_distill,
     check_targets,
     default_max_memory,
+    head_tensor,
     resolve_device,
 )
 
@@ -234,6 +236,9 @@ def solved_layers(
         max_memory=solver_memory(cal),
     )
     for i, result in solve_layers(ckpt, prepared.windows.tokens, types, sopts, report):
+        if i == HEAD:  # the output head, after the last layer (full GGUF names)
+            yield i, dict(result.tensors)
+            continue
         act_sums.update({f"blk.{i}.{name}.weight": v for name, v in result.act_sums.items()})
         yield i, {f"blk.{i}.{name}.weight": data for name, data in result.tensors.items()}
 
@@ -300,6 +305,7 @@ def _write_data(
     at a time), the rest encoded here by RTN a block of rows at a time."""
     layer: dict[str, np.ndarray] = {}
     current: int | None = None
+    head = head_tensor({t.name: t.type for t in plan}) if solved is not None else None
     with ThreadPoolExecutor(threads) as pool:
         for t in plan:
             if solved is not None and _layer_of(t.name) != current:
@@ -309,9 +315,27 @@ def _write_data(
                 layer = _next_layer(solved, current) if current is not None else {}
             if t.name in layer:
                 writer.write_tensor(t.name, layer.pop(t.name))
+            elif t.name == head:  # solved after the last layer: its place is filled then
+                writer.defer_tensor(t.name)
             else:
                 imat = imatrix.get(t.name) if imatrix and not ggml.is_float(t.type) else None
                 writer.write_tensor(t.name, encoded_chunks(ckpt, t, imat, pool, threads))
+            if progress and t.name != head:
+                progress(t)
+        if head is not None and solved is not None:
+            t = next(t for t in plan if t.name == head)
+            rest = next(solved, None)  # the solver's head, or nothing (SolverOptions.solve_head off)
+            if rest is not None and (rest[0] != HEAD or set(rest[1]) != {head}):
+                raise ConvertError(
+                    f"the solver returned {sorted(rest[1])} where the head {head} was expected"
+                )
+            imat = imatrix.get(head) if imatrix else None
+            writer.fill_tensor(
+                head,
+                rest[1][head]
+                if rest
+                else np.concatenate([c.reshape(-1) for c in encoded_chunks(ckpt, t, imat, pool, threads)]),
+            )
             if progress:
                 progress(t)
 

@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,14 @@ def child(
     from ggq.convert import ConvertOptions, make_plan
     from ggq.plan import recipe as rc
     from ggq.solvers import layerwise
-    from ggq.solvers.options import LayerReport, SolverOptions, resolve_device
+    from ggq.solvers.options import HEAD, LayerReport, SolverOptions, resolve_device
 
     ckpt = Checkpoint(ckpt_path)
     types = {t.name: t.type for t in make_plan(ckpt, ConvertOptions(rc.RecipeOptions(type_name)))}
     tokens = np.random.default_rng(0).integers(0, ckpt.hparams.n_vocab, (nsamples, seqlen))
     opts = SolverOptions(method=method, device=resolve_device(device))
     if gptq_path == "legacy":  # the code before issue 13's part 3: diagnostics and AWQ scores on every row
-        opts = replace(opts, legacy_gptq=True, diag_rows=0, search_rows=0)
+        opts = replace(opts, legacy_gptq=True, diag_rows=0, search_rows=0, solve_head=False)
     elif gptq_path == "new":
         opts = replace(opts, legacy_gptq=False)
 
@@ -115,8 +116,11 @@ def child(
         line = {"layer": rep.layer, "seconds": rep.seconds, "times": rep.times, "peak_rss_mib": vm_hwm_mib()}
         print(json.dumps(line), flush=True)
 
-    for _ in layerwise.solve_layers(ckpt, tokens, types, opts, report):
-        pass
+    last = time.perf_counter()
+    for i, _ in layerwise.solve_layers(ckpt, tokens, types, opts, report):
+        if i == HEAD:  # solved after the last layer's yield: the time since is the head's
+            print(json.dumps({"head": time.perf_counter() - last, "peak_rss_mib": vm_hwm_mib()}), flush=True)
+        last = time.perf_counter()
 
 
 def run_method(
@@ -138,6 +142,8 @@ def table(method: str, layers: list[dict[str, Any]], shape: Shape) -> dict[str, 
     cols = (*PARTS, "other")
     print(f"{'layer':>5s} {'seconds':>8s} " + " ".join(f"{p:>8s}" for p in cols) + f" {'peak MiB':>9s}")
     totals = dict.fromkeys(cols, 0.0)
+    head = [r for r in layers if "head" in r]  # the output head, solved after the last layer
+    layers = [r for r in layers if "layer" in r]
     for rec in layers:
         times = dict(rec["times"])
         seconds = float(rec["seconds"])
@@ -149,10 +155,13 @@ def table(method: str, layers: list[dict[str, Any]], shape: Shape) -> dict[str, 
     per_layer = sum(float(r["seconds"]) for r in layers) / len(layers)
     dominant = max(cols, key=lambda p: totals[p])
     share = totals[dominant] / max(sum(totals.values()), 1e-9)
-    projected = per_layer * shape.layers
-    peak = max(float(r["peak_rss_mib"]) for r in layers)
+    head_s = float(head[0]["head"]) if head else 0.0
+    projected = per_layer * shape.layers + head_s
+    peak = max(float(r["peak_rss_mib"]) for r in layers + head)
+    if head:
+        print(f" head {head_s:8.1f} (output head after the last layer) {float(head[0]['peak_rss_mib']):9.0f}")
     print(
-        f"mean {per_layer:.1f} s/layer -> projected {shape.layers} layers: {projected / 60:.1f} min; "
+        f"mean {per_layer:.1f} s/layer -> projected {shape.layers} layers + head: {projected / 60:.1f} min; "
         f"dominant part: {dominant} ({share:.0%}); peak RSS {peak:.0f} MiB"
     )
     return {
@@ -160,6 +169,7 @@ def table(method: str, layers: list[dict[str, Any]], shape: Shape) -> dict[str, 
         "layers": layers,
         "seconds_per_layer": per_layer,
         "projected_seconds": projected,
+        "head_seconds": head_s,
         "dominant": dominant,
         "peak_rss_mib": peak,
     }

@@ -165,6 +165,7 @@ class GGUFWriter:
         self._tmp: Pending | None = None
         self._f: BinaryIO | None = None
         self._lock: tuple[Path, int] | None = None
+        self._deferred: dict[str, int] = {}  # defer_tensor: name -> its data's position
         if alignment != ALIGNMENT:
             self.add_kv("general.alignment", alignment, ValueType.UINT32)
 
@@ -265,12 +266,48 @@ class GGUFWriter:
             self._pad(self._f)
         self._next_tensor += 1
 
+    def defer_tensor(self, name: str) -> None:
+        """Leave the next tensor's bytes for :meth:`fill_tensor` (the file's order is kept: its
+        space is skipped now and written later, before :meth:`finish`)."""
+        self._expect(_State.DATA, f"defer tensor {name!r}")
+        if self._next_tensor >= len(self._tensors):
+            raise WriterError(f"{self.path}: tensor {name!r} has no info")
+        info = self._tensors[self._next_tensor]
+        if info.name != name:
+            raise WriterError(f"{self.path}: expected data of tensor {info.name!r}, got {name!r}")
+        assert self._f is not None
+        with self._os_errors("write"):
+            self._deferred[name] = self._f.tell()
+            self._f.seek(info.nbytes, os.SEEK_CUR)
+            self._pad(self._f)
+        self._next_tensor += 1
+
+    def fill_tensor(self, name: str, data: bytes | np.ndarray) -> None:
+        """The bytes of a tensor :meth:`defer_tensor` skipped."""
+        self._expect(_State.DATA, f"fill tensor {name!r}")
+        if name not in self._deferred:
+            raise WriterError(f"{self.path}: tensor {name!r} was not deferred")
+        info = next(t for t in self._tensors if t.name == name)
+        raw = np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        if len(raw) != info.nbytes:
+            raise WriterError(
+                f"{self.path}: tensor {name!r} is {len(raw)} bytes, its info says {info.nbytes}"
+            )
+        assert self._f is not None
+        with self._os_errors("write"):
+            end = self._f.seek(0, os.SEEK_END)
+            self._f.seek(self._deferred.pop(name))
+            self._f.write(raw)
+            self._f.seek(end)
+
     def finish(self) -> Path:
         """Flush, fsync and rename the temporary file to the target name."""
         self._expect(_State.DATA, "finish")
         if self._next_tensor != len(self._tensors):
             missing = self._tensors[self._next_tensor].name
             raise WriterError(f"{self.path}: finished before writing tensor {missing!r}")
+        if self._deferred:
+            raise WriterError(f"{self.path}: finished before filling tensor {next(iter(self._deferred))!r}")
         assert self._f is not None and self._tmp is not None
         with self._os_errors("write"):
             self._f.flush()

@@ -40,8 +40,9 @@ from ggq import ggml
 from ggq.checkpoint import Checkpoint
 from ggq.errors import GGQError
 from ggq.files import atomic_write
+from ggq.solvers.head import head_hessian
 
-VERSION = 2  # 2: the GPTQ methods' errors are GPTQ's (error="gptq")
+VERSION = 3  # 2: the GPTQ methods' errors are GPTQ's (error="gptq"); 3: the head solved too
 PROBE_BPW = 3.4  # probe type: the candidate nearest this many bits per weight
 
 
@@ -210,6 +211,8 @@ def _importance(name: str, stats: Any, settings: SensitivitySettings, n_in: int)
     h = stats.h_of(name)
     if h is None:
         return None
+    if name == "token_embd.weight":  # tied (h_of has none otherwise): solvers/head.py's ridge
+        h = head_hessian(h, True)
     return (np.diagonal(h, axis1=-2, axis2=-1) / stats.tokens).astype(np.float32)  # (n,) or (E, n)
 
 
@@ -226,7 +229,10 @@ def _raw_losses(
     probe type of a probed tensor, else None) are stored in ``keep[1]`` for the probe."""
     w = ckpt.load(name)  # (rows, n_in) float32
     imp = _importance(name, stats, settings, w.shape[-1])
-    h = stats.h_of(name) if settings.error == "gptq" and name.startswith("blk.") else None
+    head = name == "output.weight" or (tied and name == "token_embd.weight")
+    h = stats.h_of(name) if settings.error == "gptq" and (head or name.startswith("blk.")) else None
+    if h is not None and head:  # as solvers/head.py solves it
+        h = head_hessian(h, tied)
     out = {}
     factor = None  # a dense linear's factorization of h, made once for every candidate type
     for t in cands:

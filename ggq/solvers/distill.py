@@ -34,6 +34,7 @@ from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
 from ggq.ggml.floats import fp16_bytes, fp16_field
 from ggq.solvers.options import (
+    HEAD,
     BlockReport,
     DistillError,
     DistillOptions,
@@ -245,14 +246,15 @@ class Distiller:
         tied = "output.weight" not in types
         out_f = embed_f if tied else torch.from_numpy(ckpt.load("output.weight")).to(device)
         self.teacher, self.teacher_layers = _Model(hp, embed_f, norm, out_f), t_layers
-        embed_q = self._rtn("token_embd.weight", embed_f)
-        out_q = embed_q if tied else self._rtn("output.weight", out_f)
+        embed_q = self._head("token_embd.weight", embed_f, solved)
+        out_q = embed_q if tied else self._head("output.weight", out_f, solved)
         self.student = _Model(hp, embed_q, norm, out_q)
 
-    def _rtn(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        """The tensor as the writer encodes it (plain RTN, no imatrix), decoded."""
+    def _head(self, name: str, values: torch.Tensor, solved: dict[str, np.ndarray]) -> torch.Tensor:
+        """The tensor as it is written, decoded: the solver's (solvers/head.py) or the writer's
+        plain RTN."""
         t = self.types[name]
-        data = ggml.quantize(values.cpu().numpy(), t)
+        data = solved[name] if name in solved else ggml.quantize(values.cpu().numpy(), t)
         return _floats(data, t, values.shape[1], self.device)
 
     def student_layers(self) -> list[dict[str, torch.Tensor]]:
@@ -492,3 +494,6 @@ def distilled_layers(
     for i in range(ckpt.hparams.n_layer):
         prefix = f"blk.{i}."
         yield i, {k: v for k, v in out.items() if k.startswith(prefix)}
+    head = {k: v for k, v in collected.items() if not k.startswith("blk.")}
+    if head:  # the solver's output head, not trained here: as it came
+        yield HEAD, head

@@ -49,15 +49,17 @@ import torch
 
 from ggq import ggml, qwen3
 from ggq.checkpoint import Checkpoint, HParams
-from ggq.solvers import awq, moe
+from ggq.solvers import awq, head, moe
 from ggq.solvers.gptq import Factor, Target, gptq
 from ggq.solvers.options import (
+    HEAD,
     LayerReport,
     SolverError,
     SolverOptions,
     check_targets,
     clock,
     fit_memory,
+    head_tensor,
     solver_devices,
     timed,
 )
@@ -852,5 +854,24 @@ def solve_layers(
                 if report:
                     report(rep)
                 yield i, result
+            name = head_tensor(types) if opts.solve_head else None
+            if name is not None:
+                yield HEAD, _solve_head(ckpt, h, hp, types[name], name, opts, int(tokens.size))
     finally:
         h.close()
+
+
+def _solve_head(
+    ckpt: Checkpoint, h: Residual, hp: HParams, type_name: str, name: str, opts: SolverOptions, n_tok: int
+) -> LayerResult:
+    """The head (solvers/head.py) on the final hidden states of the quantized layers."""
+    norm = torch.from_numpy(ckpt.load("output_norm.weight")).to(opts.device)
+    acc: torch.Tensor | None = None
+    with torch.no_grad(), fixed_order():
+        for i in range(0, h.shape[0], opts.batch):
+            x = qwen3.rms_norm(h.read(i, min(i + opts.batch, h.shape[0])), norm, hp.rms_eps)
+            acc = gram(x, into=acc)
+    assert acc is not None
+    hh = acc.cpu().numpy()
+    data = head.solve_head(ckpt, name, type_name, hh, n_tok, opts.kind.uses_gptq, opts.damp, opts.act_order)
+    return LayerResult({name: data}, {})

@@ -35,6 +35,19 @@ def supported_types() -> list[str]:
     return [name for name, fmt in ggml.FORMATS.items() if fmt.grid is not None]
 
 
+HEAD = -1  # solve_layers' index of the output head's result (solvers/head.py), after the last layer
+
+
+def head_tensor(types: dict[str, str]) -> str | None:
+    """The head tensor the solvers write after the last layer (``output.weight``, or the tied
+    ``token_embd.weight`` when the file has no output), or None when it is kept in a float type."""
+    name = "output.weight" if "output.weight" in types else "token_embd.weight"
+    t = types.get(name)
+    if t is None or t in ggml.FLOAT_TYPES:
+        return None
+    return name
+
+
 @dataclass(frozen=True)
 class SolverOptions:
     method: str = "gptq"  # one of method.CALIBRATED
@@ -83,6 +96,9 @@ class SolverOptions:
     # compares the two. (The thread-dependent bytes a fresh-clone CI found, which kept this True
     # for a while, came with either path: every layer now runs under fixed_order().)
     legacy_gptq: bool = False
+    # the output head (output.weight, or the tied token_embd.weight) solved after the last layer
+    # on its input's X^T X (solvers/head.py); False: RTN by the writer, as before
+    solve_head: bool = True
 
     @property
     def kind(self) -> Method:
