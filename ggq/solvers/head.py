@@ -32,7 +32,6 @@ from ggq import ggml
 from ggq.checkpoint import Checkpoint
 
 TIED_RIDGE = 1.0  # times mean(diag H), added to a tied head's H (the embedding's share)
-ROWS = 16384  # rows solved at a time (one factorization for all): bounds the working copies
 
 
 def head_hessian(h: np.ndarray, tied: bool) -> np.ndarray:
@@ -58,7 +57,7 @@ def solve_head(
     the head's input, float64), or importance-weighted RTN (diag(h) / tokens) without
     ``use_gptq`` or for a type without a code grid (IQ4_XS)."""
     from ggq.solvers.gptq import Factor, Target, gptq  # torch: this module is imported without it
-    from ggq.solvers.options import supported_types
+    from ggq.solvers.options import HEAD_ROWS, supported_types
     from ggq.solvers.reductions import fixed_order
 
     hh = head_hessian(h, name == "token_embd.weight")
@@ -67,8 +66,8 @@ def solve_head(
     parts: list[np.ndarray] = []
     factor: Factor | None = None
     with fixed_order():
-        for r0 in range(0, rows, ROWS):
-            w = ckpt.load(name, r0, min(rows, r0 + ROWS))  # (rows, n_embd) float32
+        for r0 in range(0, rows, HEAD_ROWS):
+            w = ckpt.load(name, r0, min(rows, r0 + HEAD_ROWS))  # (rows, n_embd) float32
             if not use_gptq or type_name not in supported_types():
                 parts.append(ggml.quantize(w, type_name, imp))
                 continue

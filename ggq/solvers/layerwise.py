@@ -856,6 +856,7 @@ def solve_layers(
                 yield i, result
             name = head_tensor(types) if opts.solve_head else None
             if name is not None:
+                del w, result  # the last layer's weights are not held through the head
                 yield HEAD, _solve_head(ckpt, h, hp, types[name], name, opts, int(tokens.size))
     finally:
         h.close()

@@ -114,6 +114,7 @@ class SolverOptions:
 PROCESS_BYTES = 512 << 20
 GRAM_CHUNK_ROWS = 1024  # reductions.GRAM_ROWS (no torch here): rows per float64 chunk of X^T X
 MEAN_CHUNK_ROWS = 4096  # layerwise.MEAN_ROWS: rows held (and joined, a copy) until a whole chunk is there
+HEAD_ROWS = 8192  # rows of the output head solved at a time (one factorization for all)
 DEFAULT_MEMORY_FRACTION = 0.75  # of the available memory: --max-memory's default
 
 
@@ -157,8 +158,11 @@ def memory_need(hp: HParams, nsamples: int, seqlen: int, method_name: str) -> Me
         solve = max(solve, 12 * 2 * n * f) + 4 * 2 * n * f
     mlp = 4 * t * (3 * n + 4 * f)
     attn = 4 * t * (3 * n + 6 * a + 4 * kv)
+    # the output head after the last layer (solvers/head.py): HEAD_ROWS rows at a time, as a
+    # linear of that many rows (weights, the loop's copies), and every row's bytes (<= 1 per weight)
+    head = 8 * n * n + (4 + 9) * HEAD_ROWS * n + hp.n_vocab * n
     return MemoryNeed(
-        fixed=PROCESS_BYTES + weights + stats + solve,
+        fixed=PROCESS_BYTES + max(weights + stats + solve, head),
         per_window=max(mlp, attn),
         residual=4 * nsamples * t * n,
     )
