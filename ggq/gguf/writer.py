@@ -240,14 +240,19 @@ class GGUFWriter:
             self._pad(f)
         self._state = _State.DATA
 
-    def write_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
-        """The bytes of the next tensor: all at once, or as an iterable of consecutive chunks."""
-        self._expect(_State.DATA, f"write tensor {name!r}")
+    def _next_info(self, name: str, action: str) -> TensorInfo:
+        """The info of the next tensor in the file's order, which must be ``name``."""
+        self._expect(_State.DATA, f"{action} tensor {name!r}")
         if self._next_tensor >= len(self._tensors):
             raise WriterError(f"{self.path}: tensor {name!r} has no info")
         info = self._tensors[self._next_tensor]
         if info.name != name:
             raise WriterError(f"{self.path}: expected data of tensor {info.name!r}, got {name!r}")
+        return info
+
+    def write_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
+        """The bytes of the next tensor: all at once, or as an iterable of consecutive chunks."""
+        info = self._next_info(name, "write")
         assert self._f is not None
         chunks = [data] if isinstance(data, bytes | bytearray | np.ndarray) else data
         written = 0
@@ -269,12 +274,7 @@ class GGUFWriter:
     def defer_tensor(self, name: str) -> None:
         """Leave the next tensor's bytes for :meth:`fill_tensor` (the file's order is kept: its
         space is skipped now and written later, before :meth:`finish`)."""
-        self._expect(_State.DATA, f"defer tensor {name!r}")
-        if self._next_tensor >= len(self._tensors):
-            raise WriterError(f"{self.path}: tensor {name!r} has no info")
-        info = self._tensors[self._next_tensor]
-        if info.name != name:
-            raise WriterError(f"{self.path}: expected data of tensor {info.name!r}, got {name!r}")
+        info = self._next_info(name, "defer")
         assert self._f is not None
         with self._os_errors("write"):
             self._deferred[name] = self._f.tell()
