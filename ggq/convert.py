@@ -323,25 +323,18 @@ def _write_data(
             if progress and t.name != head:
                 progress(t)
         if head is not None and solved is not None:
-            t = next(t for t in plan if t.name == head)
-            rest = next(solved, None)  # the solver's head, or nothing (SolverOptions.solve_head off)
-            if rest is not None and (rest[0] != HEAD or set(rest[1]) != {head}):
+            tensors = _next_layer(solved, HEAD)
+            if set(tensors) != {head}:
                 raise ConvertError(
-                    f"the solver returned {sorted(rest[1])} where the head {head} was expected"
+                    f"the solver returned {sorted(tensors)} where the plan has the head {head}"
                 )
-            imat = imatrix.get(head) if imatrix else None
-            writer.fill_tensor(
-                head,
-                rest[1][head]
-                if rest
-                else np.concatenate([c.reshape(-1) for c in encoded_chunks(ckpt, t, imat, pool, threads)]),
-            )
+            writer.fill_tensor(head, tensors[head])
             if progress:
-                progress(t)
+                progress(next(t for t in plan if t.name == head))
 
 
 def _next_layer(solved: Iterator[tuple[int, dict[str, np.ndarray]]], expected: int) -> dict[str, np.ndarray]:
-    i, tensors = next(solved)
+    i, tensors = next(solved, (None, {}))
     if i != expected:
         raise ConvertError(f"the solver returned layer {i} where the plan has layer {expected}")
     return tensors

@@ -253,6 +253,17 @@ class GGUFWriter:
     def write_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
         """The bytes of the next tensor: all at once, or as an iterable of consecutive chunks."""
         info = self._next_info(name, "write")
+        self._write_chunks(info, data)
+        assert self._f is not None
+        with self._os_errors("write"):
+            self._pad(self._f)
+        self._next_tensor += 1
+
+    def _write_chunks(
+        self, info: TensorInfo, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]
+    ) -> None:
+        """``data`` (as write_tensor takes it) at the file's position: exactly ``info.nbytes``,
+        refused before a chunk would write past them."""
         assert self._f is not None
         chunks = [data] if isinstance(data, bytes | bytearray | np.ndarray) else data
         written = 0
@@ -261,15 +272,14 @@ class GGUFWriter:
             written += len(raw)
             if written > info.nbytes:
                 raise WriterError(
-                    f"{self.path}: tensor {name!r} exceeds the {info.nbytes} bytes its info says"
+                    f"{self.path}: tensor {info.name!r} exceeds the {info.nbytes} bytes its info says"
                 )
             with self._os_errors("write"):
                 self._f.write(raw)
         if written != info.nbytes:
-            raise WriterError(f"{self.path}: tensor {name!r} is {written} bytes, its info says {info.nbytes}")
-        with self._os_errors("write"):
-            self._pad(self._f)
-        self._next_tensor += 1
+            raise WriterError(
+                f"{self.path}: tensor {info.name!r} is {written} bytes, its info says {info.nbytes}"
+            )
 
     def defer_tensor(self, name: str) -> None:
         """Leave the next tensor's bytes for :meth:`fill_tensor` (the file's order is kept: its
@@ -282,22 +292,19 @@ class GGUFWriter:
             self._pad(self._f)
         self._next_tensor += 1
 
-    def fill_tensor(self, name: str, data: bytes | np.ndarray) -> None:
-        """The bytes of a tensor :meth:`defer_tensor` skipped."""
+    def fill_tensor(self, name: str, data: bytes | np.ndarray | Iterable[bytes | np.ndarray]) -> None:
+        """The bytes of a tensor :meth:`defer_tensor` skipped, in the forms write_tensor takes."""
         self._expect(_State.DATA, f"fill tensor {name!r}")
         if name not in self._deferred:
             raise WriterError(f"{self.path}: tensor {name!r} was not deferred")
         info = next(t for t in self._tensors if t.name == name)
-        raw = np.ascontiguousarray(data).tobytes() if isinstance(data, np.ndarray) else bytes(data)
-        if len(raw) != info.nbytes:
-            raise WriterError(
-                f"{self.path}: tensor {name!r} is {len(raw)} bytes, its info says {info.nbytes}"
-            )
         assert self._f is not None
         with self._os_errors("write"):
             end = self._f.seek(0, os.SEEK_END)
-            self._f.seek(self._deferred.pop(name))
-            self._f.write(raw)
+            self._f.seek(self._deferred[name])
+        self._write_chunks(info, data)
+        del self._deferred[name]  # filled: only now (a refused fill leaves it unfilled)
+        with self._os_errors("write"):
             self._f.seek(end)
 
     def finish(self) -> Path:
